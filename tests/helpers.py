@@ -1,0 +1,65 @@
+"""Tiny random checkpoints of every family, made with transformers and saved as safetensors."""
+
+import torch
+import transformers
+
+TINY = dict(vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128)
+
+LLAMA = dict(TINY, intermediate_size=96, num_key_value_heads=4)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**LLAMA),
+    "llama-gqa-tied": lambda: transformers.LlamaConfig(**dict(LLAMA, num_key_value_heads=2),
+                                                       tie_word_embeddings=True),
+    "llama3-rope": lambda: transformers.LlamaConfig(
+        **dict(LLAMA, num_key_value_heads=2),
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}),
+    "llama-bias": lambda: transformers.LlamaConfig(**LLAMA, attention_bias=True, mlp_bias=True),
+    "mistral": lambda: transformers.MistralConfig(**dict(LLAMA, num_key_value_heads=2), sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**dict(LLAMA, num_key_value_heads=2)),
+    "opt": lambda: transformers.OPTConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, ffn_dim=96, max_position_embeddings=128,
+                                          word_embed_proj_dim=64),
+    "opt-post-ln-proj": lambda: transformers.OPTConfig(
+        vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+        max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False),
+    "bloom": lambda: transformers.BloomConfig(vocab_size=211, hidden_size=64, n_layer=2, n_head=4),
+    "bloom-6-heads": lambda: transformers.BloomConfig(vocab_size=211, hidden_size=96, n_layer=2, n_head=6),
+    "mixtral": lambda: transformers.MixtralConfig(**dict(LLAMA, num_key_value_heads=2), num_local_experts=4,
+                                                  num_experts_per_tok=2),
+}
+
+PROMPTS = [[5, 17, 33, 2 + 40, 61, 7, 99], [12, 8], [150, 3, 77, 19]]
+
+
+def make_checkpoint(kind: str, directory, seed: int = 0):
+    """Save a random `kind` model; returns the transformers model (fp32, eval) for reference."""
+    torch.manual_seed(seed)
+    config = CONFIGS[kind]()
+    config.pad_token_id = 0
+    config.eos_token_id = 1
+    config.bos_token_id = 2
+    # a wider init than the default 0.02 makes greedy outputs vary, so token parity means something
+    config.initializer_range = config.init_std = 0.2
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # randomise norms/biases too: default inits (ones, zeros) hide mistakes
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_greedy(model, prompts, new_tokens: int, pad_id: int = 0):
+    """transformers' greedy `generate` on a left-padded batch; returns the new tokens per row."""
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id)
+    mask = torch.zeros(len(prompts), p, dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x)
+        mask[i, p - len(x):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=pad_id)
+    return out[:, p:].tolist(), (ids, mask)

@@ -1,0 +1,62 @@
+"""The backbone: zinfer's own model files equal transformers on tiny random checkpoints (fp32, CPU)."""
+
+import pytest
+import torch
+from helpers import CONFIGS, PROMPTS, hf_greedy, make_checkpoint
+
+import zinfer
+
+KINDS = sorted(CONFIGS)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    ref = make_checkpoint(request.param, directory)
+    return request.param, ref, zinfer.LLM(str(directory), dtype="float32", device="cpu")
+
+
+def test_greedy_tokens_equal_transformers(pair):
+    kind, ref, llm = pair
+    expected, _ = hf_greedy(ref, PROMPTS, new_tokens=8)
+    params = zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True)
+    got = [c.token_ids for c in llm.generate(PROMPTS, params)]
+    assert got == expected, kind
+
+
+def test_batched_equals_alone(pair):
+    _, _, llm = pair
+    params = zinfer.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    batched = [c.token_ids for c in llm.generate(PROMPTS, params)]
+    alone = [llm.generate([p], params)[0].token_ids for p in PROMPTS]
+    assert batched == alone
+
+
+def test_last_logits_close(pair):
+    kind, ref, llm = pair
+    _, (ids, mask) = hf_greedy(ref, PROMPTS, new_tokens=1)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits[:, -1]
+    scores = llm.score([p + [0] for p in PROMPTS])  # logprob of a dummy next token -> check via full logits
+    from zinfer.runtime.batch import PaddedBatch
+
+    batch = PaddedBatch.from_prompts(PROMPTS, 0, ids.shape[1], "cpu")
+    with torch.no_grad():
+        got = llm.model(batch.tokens, llm.engine.new_cache(len(PROMPTS), ids.shape[1]),
+                        batch.inputs(0, ids.shape[1], llm.model.sliding_window))[:, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(scores) == len(PROMPTS)
+
+
+def test_score_equals_transformers_logsoftmax(pair):
+    kind, ref, llm = pair
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            logits = ref(input_ids=torch.tensor([prompt])).logits[0]
+        expected = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
+        got = llm.score([prompt])[0]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    batched = llm.score(PROMPTS)
+    for prompt, row in zip(PROMPTS, batched):
+        assert row.shape == (len(prompt) - 1,)
+        torch.testing.assert_close(row, llm.score([prompt])[0], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,8 @@
+"""zinfer: fast LLM text generation on the GPU you have."""
+
+from zinfer.api import LLM, Completion
+from zinfer.errors import ZinferError
+from zinfer.runtime.sampling import SamplingParams
+
+__all__ = ["LLM", "Completion", "SamplingParams", "ZinferError"]
+__version__ = "0.1.0"

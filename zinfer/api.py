@@ -1,0 +1,161 @@
+"""The public Python API: `LLM`, `SamplingParams`, `Completion`."""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from zinfer.errors import InputError
+from zinfer.runtime.generator import Generator, Timings
+from zinfer.runtime.sampling import SamplingParams
+from zinfer.weights.dummy import iter_dummy
+from zinfer.weights.loader import build_empty, load_weights
+from zinfer.weights.source import resolve
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass
+class Completion:
+    text: str  # the generated part, decoded (stop string excluded)
+    token_ids: list[int]  # the generated part
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_token_ids: list[int]
+
+
+def resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto" or device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, int):
+        return torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N', an int or -1") from e
+
+
+def resolve_dtype(dtype, config, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        saved = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+        return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A model ready to generate. `model`: a directory, a .gguf file, a built-in config name
+    (with `dummy=True`) or a hub id; None means the embedded SmolLM2-135M-Instruct."""
+
+    def __init__(self, model=None, *, dtype="auto", device="auto", dummy: bool = False, seed: int | None = None,
+                 meta: bool = True, **engine_options):
+        if engine_options:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(engine_options))}")
+        self.device = resolve_device(device)
+        self.source = resolve(model)
+        self.config = self.source.config
+        self.dtype = resolve_dtype(dtype, self.config, self.device)
+        self.seed = seed
+        empty = build_empty(self.config, meta=meta)
+        weights = (iter_dummy(empty, self.dtype, self.device, seed or 0) if dummy else self.source.weights())
+        self.model = load_weights(empty, weights, self.device, self.dtype)
+        self.tokenizer = self.source.tokenizer()
+        self.engine = Generator(self.model, self.device, self.dtype)
+        self.last_timings = Timings()
+
+    # --- token helpers -------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set()
+        for source in (self.config, self._generation_config()):
+            eos = getattr(source, "eos_token_id", None) if not isinstance(source, dict) else source.get(
+                "eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        pad = getattr(self.config, "pad_token_id", None)
+        return pad if pad is not None else (self.eos_token_ids or [0])[0]
+
+    def _generation_config(self) -> dict:
+        d = self.source.directory
+        path = d / "generation_config.json" if d is not None else None
+        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    def encode(self, prompts) -> list[list[int]]:
+        """Strings or token-id lists (or a single one of either) -> list of token-id lists."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise InputError(f"{self.source.name!r} has no tokenizer: pass prompts as token-id lists")
+                p = self.tokenizer(p)["input_ids"]
+            out.append([int(t) for t in p])
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- generation ------------------------------------------------------------------------
+    def _stop_check(self, params: SamplingParams):
+        if not params.stop:
+            return None
+        return lambda row, seq: any(s in self.decode(seq.tokens) for s in params.stop)
+
+    def _steps(self, prompts, params):
+        params = params or SamplingParams()
+        ids = self.encode(prompts)
+        self.last_timings = Timings()
+        return ids, params, self.engine.run(ids, params, self.eos_token_ids, self.pad_token_id,
+                                            self._stop_check(params), self.last_timings)
+
+    def _finish(self, seq, params) -> Completion:
+        text = self.decode(seq.tokens)
+        for s in params.stop or ():
+            if s in text:
+                text = text[: text.index(s)]
+        return Completion(text, list(seq.tokens), seq.finish_reason or "length", seq.prompt)
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[Completion]:
+        ids, params, steps = self._steps(prompts, params)
+        seqs = []
+        for seqs, _ in steps:  # noqa: B007 - the last step's sequences are the result
+            pass
+        return [self._finish(s, params) for s in seqs]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one prompt's continuation as tokens are decoded."""
+        ids, params, steps = self._steps(prompt, params)
+        if len(ids) != 1:
+            raise InputError(f"stream takes one prompt, got {len(ids)}")
+        sent = ""
+        for seqs, _ in steps:
+            text = self._finish(seqs[0], params).text
+            # hold back a piece that ends inside a multi-byte character
+            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent):]
+                sent = text
+
+    def score(self, prompts) -> list[torch.Tensor]:
+        """Log-probability of every token after the first, given its prefix: one [len - 1] tensor a prompt."""
+        return self.engine.score(self.encode(prompts), self.pad_token_id)

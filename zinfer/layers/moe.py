@@ -1,0 +1,40 @@
+"""Sparse mixture of experts with top-k routing (Mixtral)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zinfer.layers.linear import Linear, activation
+
+
+class Expert(nn.Module):
+    # Mixtral's names: w1 = gate, w3 = up, w2 = down
+    def __init__(self, dim: int, ffn_dim: int, act: str):
+        super().__init__()
+        self.w1, self.w3, self.w2 = Linear(dim, ffn_dim), Linear(dim, ffn_dim), Linear(ffn_dim, dim)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, act: str):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = Linear(dim, num_experts)
+        self.experts = nn.ModuleList(Expert(dim, ffn_dim, act) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, S, D] -> tokens t: [T, D]; routing in fp32, the chosen weights renormalised to sum 1
+        shape = x.shape
+        t = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(t).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(t)
+        for e in chosen.unique().tolist():
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts[e](t[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y)
+        return out.view(shape)

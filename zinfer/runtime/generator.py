@@ -1,0 +1,139 @@
+"""The generation loop: prefill the padded prompts, then decode one token per step.
+
+Sampling stays on the device; the host sees each step's tokens to decide stopping.
+"""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from zinfer.errors import InputError
+from zinfer.kv.cache import KVCache
+from zinfer.models.base import CausalLM
+from zinfer.runtime.batch import PaddedBatch
+from zinfer.runtime.sampling import SamplingParams, next_tokens
+
+
+@dataclass
+class Timings:
+    prefill: float = 0.0  # seconds, device-synchronised around the first forward pass
+    total: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # the token each row produced this step (pad for finished rows)
+    finished: list[bool]
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generator:
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+
+    def check_prompts(self, prompts: list[list[int]]) -> None:
+        if not prompts:
+            raise InputError("no prompts given: pass at least one prompt")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise InputError(f"prompt {i} is empty (no tokens)")
+            if len(p) > self.model.max_positions:
+                raise InputError(f"prompt {i} has {len(p)} tokens, longer than the model's context of "
+                                 f"{self.model.max_positions}")
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        m = self.model
+        return KVCache(m.num_layers, batch_size, m.num_kv_heads, m.head_dim, max_len, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int], pad_id: int,
+            stop_check=None, timings: Timings | None = None) -> Iterator[tuple[list[Sequence], StepOutput]]:
+        """Yield after every step. `stop_check(row, seq) -> bool` lets the caller end a row (stop strings)."""
+        self.check_prompts(prompts)
+        p = max(len(x) for x in prompts)
+        new = min(params.max_new_tokens, self.model.max_positions - p)
+        if new < 1:
+            raise InputError(f"prompt of {p} tokens leaves no room to generate within the model's context "
+                             f"of {self.model.max_positions}")
+        batch = PaddedBatch.from_prompts(prompts, pad_id, p + new, self.device)
+        cache = self.new_cache(len(prompts), p + new)
+        seqs = [Sequence(list(x)) for x in prompts]
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        seen = self._seen(batch, params)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        suppress = torch.tensor(sorted(stop_ids), device=self.device) if stop_ids else None
+        timings = timings if timings is not None else Timings()
+        start = time.perf_counter()
+
+        logits = self.model(batch.tokens, cache, batch.inputs(0, p, self.model.sliding_window))
+        for step in range(new):
+            block = suppress if step < params.min_new_tokens else None
+            tok = next_tokens(logits[:, -1], params, seen, block, gen)
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            if step == 0:
+                sync(self.device)
+                timings.prefill = time.perf_counter() - start
+            ids = tok.tolist()
+            finished = self._advance(seqs, ids, step, new, stop_ids, stop_check)
+            yield seqs, StepOutput(ids, finished)
+            if all(finished) or step == new - 1:
+                break
+            # finished rows keep stepping (their tokens are ignored) so the batch shape never changes
+            logits = self.model(tok[:, None], cache, batch.inputs(p + step, 1, self.model.sliding_window))
+        sync(self.device)
+        timings.total = time.perf_counter() - start
+        timings.steps = step + 1
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+        """Log-probability of every prompt token after the first, given its prefix."""
+        self.check_prompts(prompts)
+        p = max(len(x) for x in prompts)
+        batch = PaddedBatch.from_prompts(prompts, pad_id, p, self.device)
+        inputs = batch.inputs(0, p, self.model.sliding_window)
+        logits = self.model(batch.tokens, self.new_cache(len(prompts), p), inputs, logits_for="all")
+        logprobs = torch.log_softmax(logits.float(), -1)  # [B, P, V]; position t predicts token t + 1
+        picked = logprobs[:, :-1].gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)  # [B, P - 1]
+        return [picked[row, p - len(x):].cpu() for row, x in enumerate(prompts)]
+
+    def _seen(self, batch: PaddedBatch, params: SamplingParams):
+        if params.repetition_penalty == 1.0:
+            return None
+        vocab = self.model.config.vocab_size
+        # pads scatter into an extra column that is dropped, so they never count as seen
+        seen = torch.zeros(batch.tokens.shape[0], vocab + 1, dtype=torch.bool, device=self.device)
+        real = batch.key_valid[:, : batch.prompt_len]
+        return seen.scatter_(1, batch.tokens.masked_fill(~real, vocab), True)[:, :vocab]
+
+    @staticmethod
+    def _advance(seqs, ids, step, new, stop_ids, stop_check) -> list[bool]:
+        for row, (seq, t) in enumerate(zip(seqs, ids)):
+            if seq.finish_reason is not None:
+                continue
+            seq.tokens.append(t)
+            if t in stop_ids:
+                seq.finish_reason = "stop"
+            elif stop_check is not None and stop_check(row, seq):
+                seq.finish_reason = "stop"
+            elif step == new - 1:
+                seq.finish_reason = "length"
+        return [s.finish_reason is not None for s in seqs]
+

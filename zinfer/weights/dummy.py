@@ -1,0 +1,26 @@
+"""Random weights for benchmarking without a checkpoint: seeded per tensor, made on the device.
+
+Each tensor's generator is seeded from (seed, name), so the same tensor gets the same values
+whatever order, process or shard asks for it.
+"""
+
+import zlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if len(shape) == 1 and "norm" in name and name.endswith("weight"):
+        t = 1.0 + 0.02 * t  # norm scales near one keep activations in range
+    else:
+        t = 0.02 * t
+    return t.to(dtype)
+
+
+def iter_dummy(model: nn.Module, dtype: torch.dtype, device, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, p in model.named_parameters():
+        yield name, dummy_tensor(name, p.shape, dtype, device, seed)
