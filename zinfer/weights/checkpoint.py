@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from zinfer.errors import CheckpointError
 
 MANIFEST_NAMES = ("checkpoints.json", "ds_inference_config.json")
@@ -55,8 +53,15 @@ def write_manifest(directory: Path, files: list[Path], model_type: str) -> Path:
     return path
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail clearly on a truncated or corrupt header rather than deep inside a read."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor table and the offset where data starts; fails clearly on truncation or corruption."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -70,20 +75,34 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(header_len))
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + header_len + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + header_len + end} "
                               f"bytes, file has {size}")
+    return header, 8 + header_len
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read each tensor with one `readinto` into memory it owns: no mmap pages kept resident, no extra copy."""
+    header, base = read_safetensors_header(path)
+    with open(path, "rb", buffering=0) as f:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(base + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise CheckpointError(f"{path}: short read for tensor {name!r}")
+            yield name, raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} is listed but does not exist")
     if path.suffix == ".safetensors":
-        check_safetensors(path)
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        yield from iter_safetensors(path)
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
