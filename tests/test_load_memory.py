@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import transformers
-
 from helpers import LLAMA
 
 PROBE = r"""

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
 from zinfer.errors import CheckpointError
 
 MANIFEST_NAMES = ("checkpoints.json", "ds_inference_config.json")
