@@ -56,10 +56,12 @@ def resolve_dtype(dtype, config, device: torch.device) -> torch.dtype:
 
 class LLM:
     """A model ready to generate. `model`: a directory, a .gguf file, a built-in config name
-    (with `dummy=True`) or a hub id; None means the embedded SmolLM2-135M-Instruct."""
+    (with `dummy=True`) or a hub id; None means the embedded SmolLM2-135M-Instruct.
+    `meta=False` builds the modules on the CPU before loading (slower, same result); `compile=False`
+    runs decode steps eagerly instead of replaying a CUDA graph (debugging; same tokens)."""
 
     def __init__(self, model=None, *, dtype="auto", device="auto", dummy: bool = False, seed: int | None = None,
-                 meta: bool = True, **engine_options):
+                 meta: bool = True, compile: bool = True, **engine_options):
         if engine_options:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(engine_options))}")
         self.device = resolve_device(device)
@@ -71,7 +73,7 @@ class LLM:
         weights = (iter_dummy(empty, self.dtype, self.device, seed or 0) if dummy else self.source.weights())
         self.model = load_weights(empty, weights, self.device, self.dtype)
         self.tokenizer = self.source.tokenizer()
-        self.engine = Generator(self.model, self.device, self.dtype)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=compile)
         self.last_timings = Timings()
 
     # --- token helpers -------------------------------------------------------------------

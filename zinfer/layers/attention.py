@@ -1,4 +1,9 @@
-"""Scaled dot-product attention over the KV cache, shared by every model family."""
+"""Attention over the KV cache, shared by every model family.
+
+Two paths: prefill (many queries) uses PyTorch's fused `scaled_dot_product_attention`
+(flash when the batch has no padding); decode (one query per row) is two batched matmuls
+over the grouped heads, which reads each cached key/value once and is CUDA-graph friendly.
+"""
 
 from dataclasses import dataclass
 
@@ -14,7 +19,7 @@ class AttentionInputs:
     positions: torch.Tensor  # [B, S] token positions (rotary / learned embeddings); pads hold 0
     slots: torch.Tensor  # [S] cache slots this step writes (shared by all rows: left padding)
     kv_len: int  # keys in slots [0, kv_len) are read
-    mask: torch.Tensor  # [B, 1, S, kv_len] bool, True = the query may attend to the key
+    mask: torch.Tensor | None  # [B, 1, S, kv_len] bool, True = may attend; None = plain causal, no padding
     key_positions: torch.Tensor | None = None  # [B, kv_len] positions of cached keys (ALiBi)
 
 
@@ -28,15 +33,38 @@ class CachedAttention(nn.Module):
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = (
             layer_idx, num_heads, num_kv_heads, head_dim)
-        self.scale = scale
+        self.scale = scale if scale is not None else head_dim ** -0.5
 
     def forward(self, q, k, v, cache, inp: AttentionInputs, bias: torch.Tensor | None = None):
-        # q: [B, H, S, D]; k, v: [B, H_kv, S, D]; bias: [B or 1, H, S or 1, kv_len] additive (ALiBi)
+        # q: [B, H, S, D]; k, v: [B, H_kv, S, D]; bias: [B or 1, H, 1, kv_len] additive (ALiBi)
         keys, values = cache.write(self.layer_idx, k, v, inp.slots, inp.kv_len)
-        mask = inp.mask
-        if bias is not None:
-            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        if q.shape[2] == 1:
+            out = self._decode(q, keys, values, inp.mask, bias)
+        elif inp.mask is None and bias is None:
+            # no padding and nothing cached before: flash attention on this step's own k, v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+        else:
+            mask = inp.mask
+            if mask is None:  # unpadded prefill of an ALiBi model: plain causal
+                mask = torch.ones(q.shape[2], inp.kv_len, dtype=torch.bool, device=q.device).tril()
+            if bias is not None:
+                mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+            group = self.num_heads // self.num_kv_heads
+            if group > 1:  # the masked fused kernels take equal head counts
+                keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         b, h, s, d = out.shape
         return out.transpose(1, 2).reshape(b, s, h * d)
+
+    def _decode(self, q, keys, values, mask, bias):
+        # q: [B, H, 1, D] -> [B, H_kv, G, D] so each cached head is read once for its G query heads
+        b, h, _, d = q.shape
+        g = h // self.num_kv_heads
+        qg = q.view(b, self.num_kv_heads, g, d)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, H_kv, G, T]
+        if bias is not None:
+            scores = scores + bias.float().view(bias.shape[0], self.num_kv_heads, g, -1)
+        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+        probs = scores.softmax(-1).to(values.dtype)
+        return torch.matmul(probs, values).view(b, h, 1, d)  # [B, H, 1, D]

@@ -32,9 +32,21 @@ class SparseMoE(nn.Module):
         probs = F.softmax(self.gate(t).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._dense(t, weights, chosen).view(shape)
         out = torch.zeros_like(t)
         for e in chosen.unique().tolist():
             token, slot = (chosen == e).nonzero(as_tuple=True)
             y = self.experts[e](t[token]) * weights[token, slot, None]
             out.index_add_(0, token, y)
         return out.view(shape)
+
+    def _dense(self, t, weights, chosen):
+        # CUDA-graph safe (no host sync on which experts were chosen): every expert runs on every token
+        # and unchosen ones get weight 0. Decode batches are small, so the extra FLOPs are cheap.
+        combine = torch.zeros(t.shape[0], len(self.experts), dtype=t.dtype, device=t.device)
+        combine.scatter_(1, chosen, weights)  # [T, E]
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            out += expert(t) * combine[:, e, None]
+        return out

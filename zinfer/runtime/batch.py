@@ -13,6 +13,7 @@ class PaddedBatch:
     key_valid: torch.Tensor  # [B, T] bool: slot holds a real token (prompt or generated)
     positions: torch.Tensor  # [B, T] position of the token in each slot (pads: 0)
     prompt_len: int  # P, the padded prompt length
+    padded: bool  # any row shorter than P
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], pad_id: int, total_len: int, device) -> "PaddedBatch":
@@ -24,19 +25,35 @@ class PaddedBatch:
             valid[row, p - len(ids):] = True
         valid[:, p:] = True  # generated slots
         positions = (valid.cumsum(-1) - 1).clamp(min=0)
-        return cls(tokens.to(device), valid.to(device), positions.to(device), p)
+        padded = any(len(x) < p for x in prompts)
+        return cls(tokens.to(device), valid.to(device), positions.to(device), p, padded)
 
-    def inputs(self, start: int, length: int, window: int | None = None) -> AttentionInputs:
-        """Attention inputs for query slots [start, start + length) reading keys [0, start + length)."""
-        kv_len = start + length
-        device = self.tokens.device
-        q = torch.arange(start, kv_len, device=device)[:, None]  # [S, 1]
-        k = torch.arange(kv_len, device=device)[None, :]  # [1, kv_len]
+    def prefill_inputs(self, window: int | None = None) -> AttentionInputs:
+        """Inputs for the whole padded prompt, slots [0, P)."""
+        p, device = self.prompt_len, self.tokens.device
+        slots = torch.arange(p, device=device)
+        key_positions = self.positions[:, :p]
+        if not self.padded and (window is None or p <= window):
+            return AttentionInputs(self.positions[:, :p], slots, p, None, key_positions)
+        q, k = slots[:, None], slots[None, :]
         allowed = k <= q
         if window is not None:
             allowed &= q - k < window
-        mask = self.key_valid[:, None, None, :kv_len] & allowed
         # a query always sees itself: padded rows would otherwise attend to nothing and yield NaN
-        mask |= (k == q)
-        return AttentionInputs(positions=self.positions[:, start:kv_len], slots=q[:, 0], kv_len=kv_len,
-                               mask=mask, key_positions=self.positions[:, :kv_len])
+        mask = (self.key_valid[:, None, None, :p] & allowed) | (k == q)
+        return AttentionInputs(self.positions[:, :p], slots, p, mask, key_positions)
+
+    def decode_inputs(self, slot: torch.Tensor, window: int | None = None) -> AttentionInputs:
+        """Inputs for one new token per row at cache slot `slot` ([1] device tensor), reading every slot.
+
+        Shapes never change from step to step and nothing is read back to the host, so the step can be
+        captured once in a CUDA graph and replayed with a new `slot`.
+        """
+        t = self.key_valid.shape[1]
+        k = torch.arange(t, device=slot.device)
+        allowed = k <= slot
+        if window is not None:
+            allowed &= slot - k < window
+        mask = self.key_valid & allowed  # [B, T]
+        return AttentionInputs(self.positions.index_select(1, slot), slot, t, mask[:, None, None, :],
+                               self.positions)

@@ -13,14 +13,16 @@ from zinfer.errors import InputError
 from zinfer.kv.cache import KVCache
 from zinfer.models.base import CausalLM
 from zinfer.runtime.batch import PaddedBatch
+from zinfer.runtime.decode import DecodeState, bucket_len, check_fits
 from zinfer.runtime.sampling import SamplingParams, next_tokens
 
 
 @dataclass
 class Timings:
     prefill: float = 0.0  # seconds, device-synchronised around the first forward pass
-    total: float = 0.0
+    total: float = 0.0  # seconds for the whole request, graph capture excluded
     steps: int = 0
+    capture: float = 0.0  # seconds spent capturing the decode CUDA graph (first request of a bucket)
 
 
 @dataclass
@@ -42,8 +44,12 @@ def sync(device: torch.device) -> None:
 
 
 class Generator:
-    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype):
+    """Runs prompts through a model. `compile=True` replays decode steps as CUDA graphs on a GPU."""
+
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool = True):
         self.model, self.device, self.dtype = model, device, dtype
+        self.use_graph = compile and device.type == "cuda"
+        self.state: DecodeState | None = None
 
     def check_prompts(self, prompts: list[list[int]]) -> None:
         if not prompts:
@@ -59,18 +65,32 @@ class Generator:
         m = self.model
         return KVCache(m.num_layers, batch_size, m.num_kv_heads, m.head_dim, max_len, self.dtype, self.device)
 
+    def decode_state(self, batch_size: int, max_len: int) -> DecodeState:
+        """The static buffers (and graph) for this bucket; the previous bucket's are released first."""
+        key = (batch_size, bucket_len(max_len))
+        if self.state is None or self.state.key != key:
+            old = self.state.cache.nbytes if self.state is not None else 0
+            check_fits(self.model, *key, self.dtype, self.device, releasable=old)
+            self.state = None
+            self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph)
+        return self.state
+
+    def release(self) -> None:
+        """Free the KV cache and captured graph (the hybrid engine calls this before training)."""
+        self.state = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int], pad_id: int,
             stop_check=None, timings: Timings | None = None) -> Iterator[tuple[list[Sequence], StepOutput]]:
         """Yield after every step. `stop_check(row, seq) -> bool` lets the caller end a row (stop strings)."""
         self.check_prompts(prompts)
         p = max(len(x) for x in prompts)
-        new = min(params.max_new_tokens, self.model.max_positions - p)
-        if new < 1:
-            raise InputError(f"prompt of {p} tokens leaves no room to generate within the model's context "
-                             f"of {self.model.max_positions}")
-        batch = PaddedBatch.from_prompts(prompts, pad_id, p + new, self.device)
-        cache = self.new_cache(len(prompts), p + new)
+        # the last generated token is never fed back, so it needs no position of its own
+        new = min(params.max_new_tokens, self.model.max_positions - p + 1)
+        state = self.decode_state(len(prompts), p + new)
+        batch = state.load(PaddedBatch.from_prompts(prompts, pad_id, state.key[1], self.device))
         seqs = [Sequence(list(x)) for x in prompts]
         gen = None
         if not params.greedy:
@@ -80,12 +100,13 @@ class Generator:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         suppress = torch.tensor(sorted(stop_ids), device=self.device) if stop_ids else None
         timings = timings if timings is not None else Timings()
+        sync(self.device)
         start = time.perf_counter()
 
-        logits = self.model(batch.tokens, cache, batch.inputs(0, p, self.model.sliding_window))
+        logits = self.model(batch.tokens, state.cache, batch.prefill_inputs(self.model.sliding_window))[:, -1]
         for step in range(new):
             block = suppress if step < params.min_new_tokens else None
-            tok = next_tokens(logits[:, -1], params, seen, block, gen)
+            tok = next_tokens(logits, params, seen, block, gen)
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
             if step == 0:
@@ -97,9 +118,12 @@ class Generator:
             if all(finished) or step == new - 1:
                 break
             # finished rows keep stepping (their tokens are ignored) so the batch shape never changes
-            logits = self.model(tok[:, None], cache, batch.inputs(p + step, 1, self.model.sliding_window))
+            captured = state.graph is not None
+            logits = state.step(tok, p + step)
+            if state.graph is not None and not captured:
+                timings.capture = state.capture_seconds
         sync(self.device)
-        timings.total = time.perf_counter() - start
+        timings.total = time.perf_counter() - start - timings.capture
         timings.steps = step + 1
 
     @torch.inference_mode()
@@ -108,7 +132,7 @@ class Generator:
         self.check_prompts(prompts)
         p = max(len(x) for x in prompts)
         batch = PaddedBatch.from_prompts(prompts, pad_id, p, self.device)
-        inputs = batch.inputs(0, p, self.model.sliding_window)
+        inputs = batch.prefill_inputs(self.model.sliding_window)
         logits = self.model(batch.tokens, self.new_cache(len(prompts), p), inputs, logits_for="all")
         logprobs = torch.log_softmax(logits.float(), -1)  # [B, P, V]; position t predicts token t + 1
         picked = logprobs[:, :-1].gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)  # [B, P - 1]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests, then the named benchmark cases. Results land in $OUT.
+# Usage (device tool):  bash benchmarks/run_device.sh [pytest-args]
+set -uo pipefail
+OUT=${OUT:-./.out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 ZINFER_CACHE=${ZINFER_CACHE:-/tmp/zinfer-cache}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+for case in ${BENCH_CASES:-in_gpu}; do
+    python3 benchmarks/$case.py 2>&1 | tee "$OUT/bench_$case.log" | tail -12
+done

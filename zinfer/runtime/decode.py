@@ -1,0 +1,85 @@
+"""The decode step: static buffers for one (batch, length) bucket, replayed as a CUDA graph.
+
+Every tensor the step reads or writes lives here, allocated once, so the graph captured on the
+first step can be replayed for every later one (and for later requests of the same bucket).
+Without a graph (CPU, or `compile=False`) the very same function runs eagerly: same tokens.
+"""
+
+import time
+
+import torch
+
+from zinfer.errors import InputError
+from zinfer.kv.cache import KVCache
+from zinfer.models.base import CausalLM
+from zinfer.runtime.batch import PaddedBatch
+
+LENGTH_BUCKET = 128  # cache lengths round up to this, so nearby requests reuse one graph
+
+
+def bucket_len(n: int) -> int:
+    return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+class DecodeState:
+    def __init__(self, model: CausalLM, batch_size: int, max_len: int, dtype, device, use_graph: bool):
+        self.model, self.use_graph = model, use_graph
+        self.key = (batch_size, max_len)
+        self.cache = KVCache(model.num_layers, batch_size, model.num_kv_heads, model.head_dim, max_len, dtype,
+                             device)
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.capture_seconds = 0.0
+
+    def load(self, batch: PaddedBatch) -> PaddedBatch:
+        """Adopt a request's masks and positions; returns the batch viewing the static buffers."""
+        self.key_valid.copy_(batch.key_valid)
+        self.positions.copy_(batch.positions)
+        return PaddedBatch(batch.tokens, self.key_valid, self.positions, batch.prompt_len, batch.padded)
+
+    def _forward(self) -> torch.Tensor:
+        batch = PaddedBatch(self.tokens, self.key_valid, self.positions, 0, True)
+        inputs = batch.decode_inputs(self.slot, self.model.sliding_window)
+        return self.model(self.tokens, self.cache, inputs)[:, -1]
+
+    def step(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits [B, V] for `tokens` [B] written at cache slot `slot`."""
+        self.tokens.copy_(tokens[:, None])
+        self.slot.fill_(slot)
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy inits and cuBLAS workspaces happen outside the graph
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+
+
+def check_fits(model: CausalLM, batch_size: int, max_len: int, dtype, device, releasable: int = 0) -> None:
+    """Refuse a KV cache that cannot fit in free GPU memory, with the numbers, before allocating it."""
+    if torch.device(device).type != "cuda":
+        return
+    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.finfo(dtype).bits // 8
+    need = per_token * batch_size * max_len
+    free = torch.cuda.mem_get_info(device)[0] + releasable
+    if need > 0.95 * free:
+        raise InputError(f"the KV cache for batch {batch_size} x {max_len} tokens needs {need / 2**30:.2f} GiB "
+                         f"but {free / 2**30:.2f} GiB of GPU memory is free; lower the batch size or "
+                         "max_new_tokens")
