@@ -13,6 +13,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-for case in ${BENCH_CASES:-in_gpu}; do
+for case in ${BENCH_CASES:-profile_decode in_gpu}; do
     python3 benchmarks/$case.py 2>&1 | tee "$OUT/bench_$case.log" | tail -12
 done

@@ -52,7 +52,7 @@ def make_checkpoint(kind: str, directory, seed: int = 0):
     return model
 
 
-def hf_greedy(model, prompts, new_tokens: int, pad_id: int = 0):
+def hf_greedy(model, prompts, new_tokens: int, pad_id: int = 0, device="cpu"):
     """transformers' greedy `generate` on a left-padded batch; returns the new tokens per row."""
     p = max(len(x) for x in prompts)
     ids = torch.full((len(prompts), p), pad_id)
@@ -60,6 +60,7 @@ def hf_greedy(model, prompts, new_tokens: int, pad_id: int = 0):
     for i, x in enumerate(prompts):
         ids[i, p - len(x):] = torch.tensor(x)
         mask[i, p - len(x):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=pad_id)
     return out[:, p:].tolist(), (ids, mask)

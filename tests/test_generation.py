@@ -19,7 +19,7 @@ def test_text_prompts_round_trip(llm):
     out = llm.generate(["w5 w17 w33", "w12"], zinfer.SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert [len(c.token_ids) for c in out] == [5, 5]
     assert out[0].prompt_token_ids == [5, 17, 33]
-    assert out[0].text == llm.decode(out[0].token_ids)
+    assert out[0].text.strip() == llm.decode(out[0].token_ids)
     assert all(w.startswith("w") for w in out[0].text.split())
 
 
@@ -154,3 +154,24 @@ def test_sharded_safetensors_with_prefixless_names(tmp_path):
     a = zinfer.LLM(str(tmp_path / "ref"), device="cpu").generate(PROMPTS, params)
     b = zinfer.LLM(str(out), device="cpu").generate(PROMPTS, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_one_token_prompt(llm):
+    out = llm.generate([[7]], zinfer.SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+    assert out.token_ids == llm.generate([[7], [5, 6, 9]], zinfer.SamplingParams(max_new_tokens=3,
+                                                                                 ignore_eos=True))[0].token_ids
+
+
+def test_continuation_keeps_leading_space(llm):
+    out = llm.generate(["w5 w17"], zinfer.SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
+    assert out.text.startswith(" w") and len(out.text.split()) == 2
+
+
+def test_cuda_device_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from zinfer.api import resolve_device
+
+    with pytest.raises(zinfer.ZinferError, match="no CUDA GPU"):
+        resolve_device(0)

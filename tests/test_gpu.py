@@ -19,7 +19,7 @@ def ckpt(request, tmp_path_factory):
 def test_fp32_greedy_parity_on_gpu(ckpt):
     kind, ref, directory = ckpt
     ref = ref.to("cuda")
-    expected, _ = hf_greedy(ref, PROMPTS, new_tokens=12)
+    expected, _ = hf_greedy(ref, PROMPTS, new_tokens=12, device="cuda")
     llm = zinfer.LLM(str(directory), dtype="float32", device="cuda")
     got = [c.token_ids for c in llm.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=12, ignore_eos=True))]
     assert got == expected, kind
@@ -28,7 +28,7 @@ def test_fp32_greedy_parity_on_gpu(ckpt):
 def test_bf16_logits_close_and_first_tokens_equal(ckpt):
     kind, ref, directory = ckpt
     ref = ref.to("cuda", torch.bfloat16)
-    expected, (ids, mask) = hf_greedy(ref, PROMPTS, new_tokens=16)
+    expected, (ids, mask) = hf_greedy(ref, PROMPTS, new_tokens=16, device="cuda")
     llm = zinfer.LLM(str(directory), dtype="bfloat16", device="cuda")
     got = [c.token_ids for c in llm.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=16, ignore_eos=True))]
     assert got == expected, kind
@@ -41,10 +41,11 @@ def test_bf16_logits_close_and_first_tokens_equal(ckpt):
 
 
 def test_graph_replay_equals_eager(ckpt):
+    # fp32: the compiled step fuses element-wise ops, so only rounding differs from eager
     kind, _, directory = ckpt
     params = zinfer.SamplingParams(max_new_tokens=20, ignore_eos=True)
-    graph = zinfer.LLM(str(directory), dtype="bfloat16", device="cuda")
-    eager = zinfer.LLM(str(directory), dtype="bfloat16", device="cuda", compile=False)
+    graph = zinfer.LLM(str(directory), dtype="float32", device="cuda")
+    eager = zinfer.LLM(str(directory), dtype="float32", device="cuda", compile=False)
     a = [c.token_ids for c in graph.generate(PROMPTS, params)]
     b = [c.token_ids for c in eager.generate(PROMPTS, params)]
     assert a == b, kind

@@ -8,15 +8,16 @@ import transformers
 from helpers import LLAMA
 
 PROBE = r"""
-import json, resource, sys
+import json, sys
 import torch, zinfer, zinfer.weights.source
-def rss_mib():
+def status_mib(key):
+    # VmHWM is this address space's peak; ru_maxrss would carry the forking parent's peak across exec
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
 zinfer.weights.source.resolve(sys.argv[1])  # imports transformers' config machinery: not weight memory
-before = rss_mib()
+before = status_mib("VmRSS")
 llm = zinfer.LLM(sys.argv[1], device="cpu", dtype="float32")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mib("VmHWM")
 size = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**20
 print(json.dumps({"before": before, "peak": peak, "size": size}))
 """

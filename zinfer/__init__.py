@@ -2,7 +2,8 @@
 
 from zinfer.api import LLM, Completion
 from zinfer.errors import ZinferError
+from zinfer.pipeline import Performance, Pipeline
 from zinfer.runtime.sampling import SamplingParams
 
-__all__ = ["LLM", "Completion", "SamplingParams", "ZinferError"]
+__all__ = ["LLM", "Completion", "SamplingParams", "ZinferError", "Pipeline", "Performance"]
 __version__ = "0.1.0"

@@ -29,16 +29,17 @@ class Completion:
 
 
 def resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
     if device == "auto" or device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, int):
-        return torch.device("cpu") if device < 0 else torch.device("cuda", device)
+        device = torch.device("cpu") if device < 0 else torch.device("cuda", device)
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except RuntimeError as e:
         raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N', an int or -1") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use device='cpu'")
+    return device
 
 
 def resolve_dtype(dtype, config, device: torch.device) -> torch.dtype:
@@ -131,8 +132,14 @@ class LLM:
         return ids, params, self.engine.run(ids, params, self.eos_token_ids, self.pad_token_id,
                                             self._stop_check(params), self.last_timings)
 
+    def continuation_text(self, prompt: list[int], tokens: list[int]) -> str:
+        """The text the new tokens add to the prompt's: decoding them alone would lose a leading space with
+        tokenizers (SentencePiece, WordPiece) that mark word starts on the token."""
+        head, full = self.decode(prompt), self.decode(prompt + tokens)
+        return full[len(head):] if full.startswith(head) else self.decode(tokens)
+
     def _finish(self, seq, params) -> Completion:
-        text = self.decode(seq.tokens)
+        text = self.continuation_text(seq.prompt, seq.tokens)
         for s in params.stop or ():
             if s in text:
                 text = text[: text.index(s)]

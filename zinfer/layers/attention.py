@@ -65,6 +65,7 @@ class CachedAttention(nn.Module):
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, H_kv, G, T]
         if bias is not None:
             scores = scores + bias.float().view(bias.shape[0], self.num_kv_heads, g, -1)
-        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+        if mask is not None:  # None: a one-token unpadded prompt, which sees only itself
+            scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
         probs = scores.softmax(-1).to(values.dtype)
         return torch.matmul(probs, values).view(b, h, 1, d)  # [B, H, 1, D]

@@ -3,7 +3,7 @@
 from torch import nn
 
 from zinfer.layers.attention import AttentionInputs, CachedAttention
-from zinfer.layers.linear import Embedding, Linear, activation
+from zinfer.layers.linear import Embedding, Linear, MergedLinears, activation
 from zinfer.layers.norm import RMSNorm
 from zinfer.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 from zinfer.models.base import CausalLM
@@ -25,14 +25,16 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
         self.v_proj = Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
         self.o_proj = Linear(self.num_heads * hd, d, bias=getattr(config, "attention_bias", False))
+        self.qkv = MergedLinears(self.q_proj, self.k_proj, self.v_proj)
         self.attn = CachedAttention(layer_idx, self.num_heads, self.num_kv_heads, hd)
 
     def forward(self, x, rope, cache, inp: AttentionInputs):
         # x: [B, S, D] -> q: [B, H, S, hd], k/v: [B, H_kv, S, hd]
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(self.attn(q, k, v, cache, inp))
@@ -44,10 +46,12 @@ class LlamaMLP(nn.Module):
         d, f, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
         self.gate_proj, self.up_proj = Linear(d, f, bias=bias), Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
+        self.gate_up = MergedLinears(self.gate_proj, self.up_proj)
         self.act = activation(config.hidden_act)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

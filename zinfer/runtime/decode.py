@@ -22,8 +22,14 @@ def bucket_len(n: int) -> int:
 
 
 class DecodeState:
-    def __init__(self, model: CausalLM, batch_size: int, max_len: int, dtype, device, use_graph: bool):
+    def __init__(self, model: CausalLM, batch_size: int, max_len: int, dtype, device, use_graph: bool,
+                 fuse: bool = False):
         self.model, self.use_graph = model, use_graph
+        # torch.compile fuses the small element-wise kernels (norms, rotary, masks) between the matmuls;
+        # the compiled step is then captured in our own graph, like the eager one
+        # emulate_precision_casts: round where eager rounds (bf16 intermediates), so compiled == eager tokens
+        self.forward = (torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
+                        if fuse else self._forward)
         self.key = (batch_size, max_len)
         self.cache = KVCache(model.num_layers, batch_size, model.num_kv_heads, model.head_dim, max_len, dtype,
                              device)
@@ -51,7 +57,7 @@ class DecodeState:
         self.tokens.copy_(tokens[:, None])
         self.slot.fill_(slot)
         if not self.use_graph:
-            return self._forward()
+            return self.forward()
         if self.graph is None:
             self._capture()
         self.graph.replay()
@@ -63,11 +69,11 @@ class DecodeState:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy inits and cuBLAS workspaces happen outside the graph
             for _ in range(2):
-                self._forward()
+                self.forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = self.forward()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 

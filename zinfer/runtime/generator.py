@@ -49,6 +49,8 @@ class Generator:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool = True):
         self.model, self.device, self.dtype = model, device, dtype
         self.use_graph = compile and device.type == "cuda"
+        # MoE routing picks experts on the host in eager mode, which torch.compile cannot trace
+        self.fuse = self.use_graph and getattr(model, "compilable", True)
         self.state: DecodeState | None = None
 
     def check_prompts(self, prompts: list[list[int]]) -> None:
@@ -72,7 +74,7 @@ class Generator:
             old = self.state.cache.nbytes if self.state is not None else 0
             check_fits(self.model, *key, self.dtype, self.device, releasable=old)
             self.state = None
-            self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph)
+            self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph, self.fuse)
         return self.state
 
     def release(self) -> None:
@@ -104,24 +106,28 @@ class Generator:
         start = time.perf_counter()
 
         logits = self.model(batch.tokens, state.cache, batch.prefill_inputs(self.model.sliding_window))[:, -1]
+        tok = next_tokens(logits, params, seen, suppress if params.min_new_tokens > 0 else None, gen)
         for step in range(new):
-            block = suppress if step < params.min_new_tokens else None
-            tok = next_tokens(logits, params, seen, block, gen)
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
             if step == 0:
                 sync(self.device)
                 timings.prefill = time.perf_counter() - start
+            more = step < new - 1
+            if more:
+                # enqueue the next step before reading this one's tokens: the GPU computes while the host
+                # decides stopping. Finished rows keep stepping (ignored) so the batch shape never changes.
+                captured = state.graph is not None
+                logits = state.step(tok, p + step)
+                if state.graph is not None and not captured:
+                    timings.capture = state.capture_seconds
             ids = tok.tolist()
             finished = self._advance(seqs, ids, step, new, stop_ids, stop_check)
             yield seqs, StepOutput(ids, finished)
-            if all(finished) or step == new - 1:
+            if all(finished) or not more:
                 break
-            # finished rows keep stepping (their tokens are ignored) so the batch shape never changes
-            captured = state.graph is not None
-            logits = state.step(tok, p + step)
-            if state.graph is not None and not captured:
-                timings.capture = state.capture_seconds
+            block = suppress if step + 1 < params.min_new_tokens else None
+            tok = next_tokens(logits, params, seen, block, gen)
         sync(self.device)
         timings.total = time.perf_counter() - start - timings.capture
         timings.steps = step + 1

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from zinfer.errors import CheckpointError
+from zinfer.layers.linear import MergedLinears
 from zinfer.models import model_class
 from zinfer.models.base import CausalLM
 
@@ -42,6 +43,8 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], device, dtype) -> CausalLM:
     """Materialise every parameter of `model` from `weights` on `device` in `dtype`; check names and shapes."""
+    for group in merged_groups(model):
+        group.allocate(device, dtype)
     params = dict(model.named_parameters())
     tied = set(model.tied_weights)
     loaded, unexpected = set(), []
@@ -55,7 +58,11 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
         if tensor.shape != expected:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected)}")
-        _assign(model, target, tensor.to(device=device, dtype=dtype).contiguous())
+        param = params[target]
+        if not param.is_meta and param.dtype == dtype and param.device.type == torch.device(device).type:
+            param.data.copy_(tensor)  # preallocated in place (fused q/k/v, gate/up)
+        else:
+            _assign(model, target, tensor.to(device=device, dtype=dtype).contiguous())
         loaded.add(target)
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing:
@@ -70,3 +77,8 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
         if hasattr(module, "init_buffers"):
             module.init_buffers(device)
     return model.eval()
+
+
+def merged_groups(model: nn.Module) -> list[MergedLinears]:
+    """Every MergedLinears group (q/k/v, gate/up) of the model: plain attributes, not submodules."""
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, MergedLinears)]

@@ -29,7 +29,7 @@ class ModelSource:
     def weight_files(self) -> list[Path]:
         if self.directory is None:
             raise ModelNotFoundError(f"{self.name!r} is a built-in config without weights: pass dummy=True "
-                                     "or a checkpoint directory")
+                                     "(--dummy on the command line) or a checkpoint directory")
         return scan_checkpoint(self.directory)
 
     def weights(self):

@@ -1,0 +1,166 @@
+"""Fused int4/int8 dequantize-matmul vs bf16 matmul vs dequantize-then-matmul, on Llama-3-8B shapes.
+
+Run on the GPU:  python benchmarks/quant_kernels.py [--bits 4] [--ms 1,16,512] [--sweep]
+Prints a table (median ms via triton.testing.do_bench, L2 flushed before each run) with achieved
+GB/s = (packed weight + x + out bytes) / time, and the floor of that traffic at the measured copy
+bandwidth. Writes $OUT/quant_kernels.json when OUT is set. --sweep times kernel configs around
+the built-in heuristics (for tuning them), printing the best per case.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from zinfer.quant import triton_kernels as tk
+from zinfer.quant.ops import quant_matmul
+from zinfer.quant.pack import dequantize, quantize
+from zinfer.quant.spec import QuantSpec
+
+SHAPES = {  # name: (N, K) of a Llama-3-8B Linear weight
+    "qkv": (6144, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+}
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")  # ms
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / (bench(lambda: b.copy_(a)) * 1e-3)
+
+
+def run_case(name, n, k, m, spec, dtype, bw):
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    qw = quantize(w, spec)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    io = (m * k + m * n) * x.element_size()
+    t = {
+        "torch_mm": bench(lambda: x @ w.t()),
+        "dequant_then_mm": bench(lambda: x @ dequantize(qw, dtype).t()),
+        "fused": bench(lambda: quant_matmul(x, qw)),
+    }
+    ref = x.float() @ dequantize(qw, torch.float32).t()
+    rel = ((quant_matmul(x, qw).float() - ref).norm() / ref.norm()).item()
+    row = dict(name=name, n=n, k=k, m=m, bits=spec.bits, group=spec.group_size, symmetric=spec.symmetric,
+               packed_bytes=qw.nbytes, rel_err=rel, ms=t,
+               gbps_fused=(qw.nbytes + io) / (t["fused"] * 1e-3) / 1e9,
+               gbps_torch_mm=(w.numel() * w.element_size() + io) / (t["torch_mm"] * 1e-3) / 1e9,
+               floor_ms=(qw.nbytes + io) / bw * 2e3,  # copy bw counts read + write
+               # the best any dequantize-then-matmul could do: write the dense weight once, then matmul
+               deq_mm_floor_ms=t["torch_mm"] + (qw.nbytes + w.numel() * w.element_size()) / bw * 2e3,
+               tflops_fused=2 * m * n * k / (t["fused"] * 1e-3) / 1e12)  # fmt: skip
+    return row
+
+
+def sweep_gemv(n, k, m, spec, dtype):
+    qw = quantize(torch.randn(n, k, device="cuda", dtype=dtype) * 0.02, spec)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = torch.empty(m, n, device="cuda", dtype=dtype)
+    gb = triton.next_power_of_2(spec.group_size) // spec.per_byte
+    ngroups = qw.padded_k // spec.group_size
+    results = [("heuristic", bench(lambda: tk.gemv(x, qw, out)))]
+    for block_n in (4, 8, 16, 32):
+        for tile in (2048, 4096, 8192, 16384):
+            groups = max(1, tile // (block_n * gb))
+            if groups > ngroups:
+                continue
+            for warps in (4, 8):
+                for split in ("auto", 1):
+                    cfg = dict(BLOCK_N=block_n, GROUPS=groups, num_warps=warps)
+                    if split == 1:
+                        cfg["GROUPS_PER_SPLIT"] = ngroups
+                    else:
+                        cfg["GROUPS_PER_SPLIT"] = tk._split(ngroups, triton.cdiv(n, block_n), tk._sm_count(x), groups)
+                    results.append((str(cfg), bench(lambda c=cfg: tk.gemv(x, qw, out, cfg=dict(c)))))
+    return sorted(results, key=lambda r: r[1])
+
+
+def sweep_small_gemm(n, k, m, spec, dtype):
+    qw = quantize(torch.randn(n, k, device="cuda", dtype=dtype) * 0.02, spec)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = torch.empty(m, n, device="cuda", dtype=dtype)
+    results = [("heuristic", bench(lambda: tk.gemm(x, qw, out)))]
+    bm = max(16, triton.next_power_of_2(m))
+    for bn in (32, 64, 128):
+        for bk in (32, 64):
+            for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                for split in ("auto", 1):
+                    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                    per = qw.padded_k if split == 1 else tk._split(qw.padded_k, tiles, tk._sm_count(x), bk)
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=per, num_warps=warps,
+                               num_stages=stages, GROUP_SIZE_M=1)  # fmt: skip
+                    results.append((str(cfg), bench(lambda c=cfg: tk.gemm(x, qw, out, cfg=dict(c)))))
+    return sorted(results, key=lambda r: r[1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="4,8")
+    p.add_argument("--ms", default="1,16,512")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--sweep", action="store_true", help="time kernel configs instead of the table")
+    a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
+    ms = [int(v) for v in a.ms.split(",")]
+    specs = [QuantSpec(int(b), 64, 1, a.symmetric) for b in a.bits.split(",")]
+    shapes = [(s, *SHAPES[s]) for s in a.shapes.split(",")]
+    torch.manual_seed(0)
+    if a.sweep:
+        report = {}
+        for spec in specs:
+            for name, n, k in shapes:
+                for m in ms:
+                    fn = sweep_gemv if m <= tk.GEMV_MAX_M else sweep_small_gemm
+                    res = fn(n, k, m, spec, dtype)
+                    heur = next(t for c, t in res if c == "heuristic")
+                    print(f"int{spec.bits} {name} M={m}: heuristic {heur * 1e3:.1f} us; best:")
+                    for cfg, t in res[:3]:
+                        print(f"    {t * 1e3:8.1f} us  {cfg}")
+                    report[f"int{spec.bits}-{name}-m{m}"] = res
+        _write(report, "quant_kernels_sweep.json")
+        return
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s (read+write)")
+    print(f"{'case':<22}{'torch_mm':>10}{'deq+mm':>10}{'deq floor':>10}{'fused':>10}{'floor':>10}"
+          f"{'fused GB/s':>12}{'vs deq+mm':>10}{'vs mm':>8}{'rel_err':>9}")  # fmt: skip
+    rows = []
+    for spec in specs:
+        for name, n, k in shapes:
+            for m in ms:
+                r = run_case(name, n, k, m, spec, dtype, bw)
+                rows.append(r)
+                print(_fmt_row(f"int{spec.bits} {name} M={m}", r))
+    _write(dict(device=torch.cuda.get_device_name(), copy_bw=bw, dtype=a.dtype, rows=rows), "quant_kernels.json")
+
+
+def _fmt_row(label, r):
+    t, us = r["ms"], lambda ms: f"{ms * 1e3:>9.1f}u"
+    return (
+        f"{label:<22}{us(t['torch_mm'])}{us(t['dequant_then_mm'])}{us(r['deq_mm_floor_ms'])}{us(t['fused'])}"
+        f"{us(r['floor_ms'])}{r['gbps_fused']:>12.0f}{t['dequant_then_mm'] / t['fused']:>9.2f}x"
+        f"{t['torch_mm'] / t['fused']:>7.2f}x{r['rel_err']:>9.1e}"
+    )
+
+
+def _write(obj, fname):
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, fname), "w") as f:
+            json.dump(obj, f, indent=1)
+        print(f"wrote {os.path.join(out, fname)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Group-wise quantization on CPU: spec, pack/unpack, error bounds, serialization, quant_matmul.
+The Triton kernels run here too, under Triton's interpreter, when Triton is importable."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zinfer.quant import ops
+from zinfer.quant.ops import quant_matmul
+from zinfer.quant.pack import QuantizedWeight, _pack, dequantize, quantize, unpack
+from zinfer.quant.spec import QuantSpec
+
+SPECS = [QuantSpec(b, g, 1, s) for b in (4, 8) for g in (64, 32) for s in (False, True)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _id(spec):
+    return f"int{spec.bits}-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
+
+
+def _groups(t, spec, k):
+    """[N, K] -> [N, Kp / G, G] with the pad columns as NaN (so they never count)."""
+    kp = spec.padded_k(k)
+    t = torch.nn.functional.pad(t.float(), (0, kp - k), value=float("nan"))
+    return t.view(t.shape[0], -1, spec.group_size)
+
+
+# ---- spec -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(bits=3), "bits must be 4 or 8, got 3"),
+        (dict(bits=4, group_size=63), "must be even for 4-bit"),
+        (dict(group_size=0), "group_size must be a positive int, got 0"),
+        (dict(group_dim=0), "group_dim must be 1"),
+        (dict(symmetric="no"), "symmetric must be a bool"),
+    ],
+)
+def test_spec_rejects(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        QuantSpec(**kwargs)
+
+
+def test_spec_dict_and_deepspeed():
+    spec = QuantSpec(8, 128, 1, True)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+        QuantSpec.from_dict({**spec.to_dict(), "bogus": 1})
+    ds = {"weight_quantization": {"quantized_initialization": {
+        "num_bits": 4, "group_size": 64, "group_dim": 1, "symmetric": False}}}  # fmt: skip
+    assert QuantSpec.from_deepspeed(ds) == QuantSpec(4, 64, 1, False)
+    assert QuantSpec.from_deepspeed({"zero_optimization": {"stage": 3}}) is None
+    with pytest.raises(ValueError, match="post_init_quant"):
+        QuantSpec.from_deepspeed({"weight_quantization": {"post_init_quant": {}}})
+    with pytest.raises(ValueError, match=r"unknown keys \['num_groups'\]"):
+        QuantSpec.from_deepspeed({"weight_quantization": {"quantized_initialization": {"num_groups": 2}}})
+    with pytest.raises(ValueError, match="group_dim must be 1"):
+        QuantSpec.from_deepspeed({"weight_quantization": {"quantized_initialization": {"group_dim": 0}}})
+
+
+# ---- pack / quantize --------------------------------------------------------------------------
+
+
+def test_pack_layout_low_nibble_first():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    packed = _pack(codes, 4)
+    assert packed.tolist() == [[0x21, 0x0F]]
+    assert torch.equal(unpack(packed, 4), codes)
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack(_pack(codes, 4), 4), codes)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grid_values_round_trip_exactly(spec, dtype):
+    """Weights already on a group's grid (power-of-two scales) come back bit-exact."""
+    n, k, g = 6, 4 * spec.group_size, spec.group_size
+    scale = 2.0 ** torch.randint(-6, 0, (n, k // g, 1)).float()
+    if spec.symmetric:
+        top = (1 << (spec.bits - 1)) - 1
+        q = torch.randint(-top, top + 1, (n, k // g, g)).float()
+        q[..., 0] = top  # pin the absmax so the recomputed scale is the same
+        w = q * scale
+    else:
+        q = torch.randint(0, spec.qmax + 1, (n, k // g, g)).float()
+        q[..., 0], q[..., 1] = 0, spec.qmax  # pin min and max
+        w = q * scale + torch.randint(-8, 1, (n, k // g, 1)) * scale  # |q + zero| <= 255: exact in bf16
+    w = w.view(n, k).to(dtype)
+    assert torch.equal(dequantize(quantize(w, spec)), w)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [128, 200, 37])
+def test_error_within_half_step(spec, dtype, k):
+    w = torch.randn(33, k) * 0.05
+    w[3, 5] = 40.0  # outliers
+    w[7, -1] = -1e4
+    w[10] = 0.0  # an all-zero row
+    w[11] = 0.3  # a constant row
+    w = w.to(dtype)
+    qw = quantize(w, spec)
+    assert qw.qweight.shape == (33, spec.padded_k(k) // spec.per_byte) and qw.shape == (33, k)
+    assert qw.scale.dtype == dtype and (qw.zero is None) == spec.symmetric
+    w_hat = dequantize(qw, torch.float32)
+    assert torch.isfinite(w_hat).all() and w_hat.shape == (33, k)
+    err = _groups(w_hat - w.float(), spec, k).abs()
+    s = qw.scale.float()[..., None]
+    size = _groups(w, spec, k).abs() + s * spec.qmax
+    bound = s / 2 + 4 * torch.finfo(torch.float32).eps * size
+    real = ~err.isnan()  # pad columns
+    assert (err[real] <= bound[real]).all(), (err - bound)[real].max()
+    assert torch.equal(w_hat[10], torch.zeros(k))  # zero stays exactly zero
+    if not spec.symmetric:
+        assert torch.equal(w_hat[11], w[11].float())  # a constant row is exact
+
+
+def test_fp16_extremes_stay_finite():
+    spec = QuantSpec(4, 64)
+    w = torch.zeros(2, 64, dtype=torch.float16)
+    w[0, 0], w[0, 1] = 65504.0, -65504.0  # scale ~ 8734, q * scale overflows fp16
+    w[1] = 1e-7  # subnormal constant group
+    qw = quantize(w, spec)
+    w_hat = dequantize(qw)
+    assert torch.isfinite(w_hat).all()
+    assert w_hat[0, 1] == -65504.0 and (w_hat[0, 0] - 65504.0).abs() <= 0.6 * qw.scale[0, 0].float()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_quantize_refuses_non_finite(bad):
+    w = torch.randn(4, 64)
+    w[1, 3] = bad
+    with pytest.raises(ValueError, match=r"weight \[4, 64\] holds inf/nan"):
+        quantize(w, QuantSpec())
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"2-D \[N, K\] weight, got shape \[64\]"):
+        quantize(torch.randn(64), QuantSpec())
+    with pytest.raises(ValueError, match="fp16/bf16/fp32 weight, got torch.int32"):
+        quantize(torch.ones(2, 64, dtype=torch.int32), QuantSpec())
+    qw = quantize(torch.randn(4, 64), QuantSpec())
+    with pytest.raises(ValueError, match=r"qweight must be uint8 \[4, 32\]"):
+        QuantizedWeight(qw.qweight[:, :16], qw.scale, qw.zero, qw.shape, qw.spec)
+    with pytest.raises(ValueError, match="zero must be None"):
+        QuantizedWeight(qw.qweight, qw.scale, qw.zero, qw.shape, QuantSpec(symmetric=True))
+
+
+def test_chunked_quantize_matches_whole():
+    w = torch.randn(37, 200, dtype=torch.bfloat16)
+    a, b = quantize(w, QuantSpec()), quantize(w, QuantSpec(), chunk_rows=5)
+    for name, t in a.tensors().items():
+        assert torch.equal(t, b.tensors()[name]), name
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 32, symmetric=True)], ids=_id)
+def test_state_dict_round_trip(spec, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    qw = quantize(torch.randn(16, 100, dtype=torch.bfloat16), spec)
+    sd = qw.state_dict("model.layers.0.mlp.down_proj")
+    assert ("model.layers.0.mlp.down_proj.zero" in sd) != spec.symmetric
+    save_file(sd, tmp_path / "q.safetensors")
+    back = QuantizedWeight.from_state_dict(load_file(tmp_path / "q.safetensors"), "model.layers.0.mlp.down_proj", spec)
+    assert back.shape == (16, 100) and back.spec == spec
+    assert torch.equal(dequantize(back), dequantize(qw))
+    # nbytes: packed codes + scale (+ zero), all at the padded K = 128
+    assert qw.nbytes == 16 * 128 * spec.bits // 8 + (1 if spec.symmetric else 2) * 16 * (128 // spec.group_size) * 2
+    moved = qw.to("cpu", non_blocking=True)
+    assert torch.equal(moved.qweight, qw.qweight) and moved.shape == qw.shape
+    with pytest.raises(KeyError, match=r"missing tensors \['w.shape'\]"):
+        QuantizedWeight.from_state_dict({k: v for k, v in qw.state_dict("w").items() if k != "w.shape"}, "w", spec)
+
+
+# ---- quant_matmul (torch fallback) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS[::2], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_shape, n, k", [((3,), 40, 200), ((2, 5), 24, 64), ((1, 1, 7), 9, 37)])
+def test_quant_matmul_matches_dequantize(spec, dtype, x_shape, n, k, monkeypatch):
+    qw = quantize(torch.randn(n, k, dtype=dtype), spec)
+    x = torch.randn(*x_shape, k, dtype=dtype)
+    ref = x @ dequantize(qw, dtype).t()
+    out = quant_matmul(x, qw)
+    assert out.shape == (*x_shape, n) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    monkeypatch.setattr(ops, "_FALLBACK_BLOCK_ELEMS", 3 * k)  # 1 row per block
+    torch.testing.assert_close(quant_matmul(x, qw), ref, rtol=tol, atol=tol)
+    cached = quant_matmul(x, qw, cache_dequantized=True)
+    assert qw._dense is not None and "_dense" not in str(qw.state_dict())
+    torch.testing.assert_close(cached, ref, rtol=tol, atol=tol)
+
+
+def test_quant_matmul_errors():
+    qw = quantize(torch.randn(8, 64), QuantSpec())
+    with pytest.raises(ValueError, match=r"x has K=32, weight is \[N=8, K=64\]"):
+        quant_matmul(torch.randn(2, 32), qw)
+    with pytest.raises(ValueError, match="impl must be 'auto', 'triton' or 'torch', got 'cuda'"):
+        quant_matmul(torch.randn(2, 64), qw, impl="cuda")
+    with pytest.raises(ValueError, match=r"impl='triton'\) needs a CUDA fp16/bf16 x"):
+        quant_matmul(torch.randn(2, 64), qw, impl="triton")
+
+
+# ---- Triton kernels under the interpreter -----------------------------------------------------
+
+_INTERP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch, triton, triton.language as tl
+    from zinfer.quant import triton_kernels as tk
+    from zinfer.quant.pack import dequantize, quantize
+    from zinfer.quant.spec import QuantSpec
+
+    @triton.jit
+    def _probe(o, n):
+        for i in range(0, n, 1):
+            tl.store(o + i, i)
+    try:  # some Triton releases' interpreters break on newer numpy: report, do not fail
+        _probe[(1,)](torch.zeros(2, dtype=torch.int32), 2)
+    except Exception as e:
+        print(f"triton {triton.__version__} interpreter broken: {e!r}")
+        sys.exit(3)
+
+    torch.manual_seed(0)
+    worst = 0.0
+    for spec, (m, n, k) in [(QuantSpec(4, 64), (3, 20, 200)), (QuantSpec(8, 32, symmetric=True), (2, 9, 70)),
+                            (QuantSpec(4, 48, symmetric=True), (1, 16, 100)), (QuantSpec(8, 64), (20, 33, 130))]:
+        qw = quantize(torch.randn(n, k, dtype=torch.float16), spec)
+        x = torch.randn(m, k, dtype=torch.float16)
+        ref = x.float() @ dequantize(qw, torch.float32).t()
+        bk = 16 if spec.group_size % 32 else 32
+        for fn, cfg in [(tk.gemv, dict(GROUPS=2, GROUPS_PER_SPLIT=3)), (tk.gemv, {}),
+                        (tk.gemm, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, K_PER_SPLIT=2 * bk)),
+                        (tk.gemm, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_PER_SPLIT=4096))]:
+            out = torch.full((m, n), float("nan"), dtype=torch.float16)
+            fn(x, qw, out, cfg=cfg)
+            worst = max(worst, ((out.float() - ref).norm() / ref.norm()).item())
+    print(f"worst relative error {worst:.2e}")
+    sys.exit(0 if worst < 2e-3 else 1)
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run these kernels for real")
+def test_triton_kernels_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,74 @@
+"""quant_matmul: y = x @ dequantize(qw).T without materializing the dense weight (when it can).
+
+Dispatch:
+  CUDA x (fp16/bf16) and Triton importable -> fused Triton kernels (triton_kernels.py):
+      GEMV-style kernel for M <= GEMV_MAX_M rows (decode), tiled GEMM kernel above (prefill).
+  otherwise -> torch fallback: dequantize a block of rows, matmul, next block; peak extra
+      memory is one block, never the whole dense weight (unless cache_dequantized=True).
+
+Not used, noted for later: torch.ops.aten._weight_int8pack_mm takes per-channel scales only
+(no groups), and _weight_int4pack_mm(_for_cpu) needs a repacked tiled weight whose
+scales_and_zeros encode w = (q - 8) * scale + zero' (our float-min zero maps onto it with
+zero' = zero + 8 * scale); a CPU fast path could repack once and cache it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from zinfer.quant.pack import QuantizedWeight, dequantize, dequantize_rows
+
+_FALLBACK_BLOCK_ELEMS = 1 << 22  # weight elements dequantized per fallback step (16 MiB fp32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is imported lazily: CPU machines without it must still import zinfer.quant."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def quant_matmul(x: Tensor, qw: QuantizedWeight, *, impl: str = "auto", cache_dequantized: bool = False) -> Tensor:
+    """x [..., K] @ W.T -> [..., N] in x's dtype, W = dequantize(qw) of shape [N, K].
+
+    impl: "auto" (Triton on CUDA when possible), "triton" (raise if it cannot run), "torch".
+    cache_dequantized: torch path only; keep the dense weight on qw for later calls (memory!).
+    """
+    n, k = qw.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_matmul: x has K={x.shape[-1]}, weight is [N={n}, K={k}]")
+    if x.device != qw.device:
+        raise ValueError(f"quant_matmul: x on {x.device}, weight on {qw.device}")
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"quant_matmul: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    fused_ok = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()
+    if impl == "triton" and not fused_ok:
+        raise ValueError(
+            f"quant_matmul(impl='triton') needs a CUDA fp16/bf16 x and Triton installed: "
+            f"x is {x.dtype} on {x.device}, triton {'found' if triton_available() else 'missing'}"
+        )
+    if impl != "torch" and fused_ok and not cache_dequantized:
+        from zinfer.quant import triton_kernels
+
+        return triton_kernels.fused_matmul(x, qw)
+    return _matmul_torch(x, qw, cache_dequantized)
+
+
+def _matmul_torch(x: Tensor, qw: QuantizedWeight, cache: bool) -> Tensor:
+    n, k = qw.shape
+    if cache:
+        if qw._dense is None or qw._dense.dtype != x.dtype:
+            qw._dense = dequantize(qw, x.dtype)
+        return torch.matmul(x, qw._dense.t())
+    x2 = x.reshape(-1, k)  # [M, K]
+    rows = max(1, _FALLBACK_BLOCK_ELEMS // qw.padded_k)
+    if rows >= n:
+        out = x2 @ dequantize_rows(qw, 0, n, x.dtype).t()
+    else:
+        out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+        for r0 in range(0, n, rows):
+            out[:, r0 : r0 + rows] = x2 @ dequantize_rows(qw, r0, r0 + rows, x.dtype).t()
+    return out.view(*x.shape[:-1], n)
