@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
@@ -63,8 +64,11 @@ class LLM:
 
     def __init__(self, model=None, *, dtype="auto", device="auto", dummy: bool = False, seed: int | None = None,
                  meta: bool = True, compile: bool = True, **engine_options):
-        if engine_options:
-            raise TypeError(f"unknown engine option(s): {', '.join(sorted(engine_options))}")
+        self.options = EngineConfig.from_options(engine_options)
+        missing = self.options.unsupported()
+        if missing:
+            raise InputError(f"not implemented yet in this version: {', '.join(missing)} "
+                             "(see README: Not supported yet)")
         self.device = resolve_device(device)
         self.source = resolve(model)
         self.config = self.source.config

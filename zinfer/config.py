@@ -1,0 +1,74 @@
+"""Engine options: everything that decides where tensors live and how they are stored.
+
+One frozen dataclass (FlexGen's Policy, with names); `LLM(**engine_options)` builds it and the
+planner turns it plus the model's shapes into a `Plan`.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+from zinfer.errors import InputError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """'16GiB', '24 GB', '512MiB' or an int of bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InputError(f"cannot read {value!r} as a memory size: use e.g. '16GiB', '24GB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    offload: str = "none"  # none | cpu | nvme | auto: where weights that do not stay on the GPU live
+    offload_dir: str | None = None  # NVMe store directory
+    gpu_memory: int | None = None  # bytes the weights may use on the GPU (None: free memory minus reserve)
+    cpu_memory: int | None = None  # bytes of host memory for offloaded weights
+    pin_memory: bool = True
+    quant_bits: int = 16  # 4 | 8 | 16 (= off)
+    quant_group_size: int = 64
+    kv_offload: bool = False
+    pin_kv_cache: bool = False
+    async_kv_offload: bool = False
+    kv_attention: str = "auto"  # auto | gpu | cpu: where decode attention over an offloaded cache runs
+    tp: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        checks = [
+            (self.offload in ("none", "cpu", "nvme", "auto"),
+             f"offload must be one of none, cpu, nvme, auto; got {self.offload!r}"),
+            (self.offload != "nvme" or self.offload_dir, "offload='nvme' needs offload_dir"),
+            (self.quant_bits in (4, 8, 16), f"quant_bits must be 4, 8 or 16; got {self.quant_bits}"),
+            (self.quant_group_size > 0, f"quant_group_size must be > 0; got {self.quant_group_size}"),
+            (self.kv_attention in ("auto", "gpu", "cpu"),
+             f"kv_attention must be auto, gpu or cpu; got {self.kv_attention!r}"),
+            (self.tp >= 1, f"tp must be >= 1; got {self.tp}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        for name in ("gpu_memory", "cpu_memory"):
+            object.__setattr__(self, name, parse_bytes(getattr(self, name)))
+
+    @classmethod
+    def from_options(cls, options: dict) -> "EngineConfig":
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def unsupported(self) -> list[str]:
+        """Options this build cannot honour yet (each raises a clear error in `LLM`)."""
+        wants = {"offload": self.offload != "none", "quant_bits": self.quant_bits != 16,
+                 "kv_offload": self.kv_offload, "tp": self.tp != 1}
+        return [k for k, v in wants.items() if v and k not in IMPLEMENTED]
+
+
+IMPLEMENTED: set[str] = set()  # grows as offload / quantization / KV offload / TP land
