@@ -1,6 +1,7 @@
 """The public Python API: `LLM`, `SamplingParams`, `Completion`."""
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -8,11 +9,15 @@ import torch
 
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
+from zinfer.offload import store_key, stream
+from zinfer.offload.plan import make_plan
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
 from zinfer.weights.dummy import iter_dummy
 from zinfer.weights.loader import build_empty, load_weights
 from zinfer.weights.source import resolve
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -63,7 +68,13 @@ class LLM:
     runs decode steps eagerly instead of replaying a CUDA graph (debugging; same tokens)."""
 
     def __init__(self, model=None, *, dtype="auto", device="auto", dummy: bool = False, seed: int | None = None,
-                 meta: bool = True, compile: bool = True, **engine_options):
+                 meta: bool = True, compile: bool = True, deepspeed_config: dict | None = None,
+                 **engine_options):
+        if deepspeed_config is not None:
+            mapped, ignored = EngineConfig.from_deepspeed(deepspeed_config)
+            if ignored:
+                log.warning("deepspeed_config: ignoring keys with no meaning for zinfer: %s", ", ".join(ignored))
+            engine_options = {**mapped, **engine_options}  # explicit options win
         self.options = EngineConfig.from_options(engine_options)
         missing = self.options.unsupported()
         if missing:
@@ -75,10 +86,18 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         self.seed = seed
         empty = build_empty(self.config, meta=meta)
-        weights = (iter_dummy(empty, self.dtype, self.device, seed or 0) if dummy else self.source.weights())
-        self.model = load_weights(empty, weights, self.device, self.dtype)
+        self.plan = make_plan(empty, self.options, self.device, self.dtype) if self.options.offload != "none" else None
+        streaming = self.plan is not None and bool(self.plan.streamed)
+        # streamed models are read into host memory first, then each unit goes to its planned home
+        load_device = torch.device("cpu") if streaming else self.device
+        weights = (iter_dummy(empty, self.dtype, load_device, seed or 0) if dummy else self.source.weights())
+        self.model = load_weights(empty, weights, load_device, self.dtype)
+        self.streamer = None
+        if streaming:
+            key = store_key(self.model, self.source.name, self.dtype, self.options)
+            self.streamer = stream(self.model, self.plan, self.options, self.device, key)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=compile and not streaming)
         self.tokenizer = self.source.tokenizer()
-        self.engine = Generator(self.model, self.device, self.dtype, compile=compile)
         self.last_timings = Timings()
 
     # --- token helpers -------------------------------------------------------------------

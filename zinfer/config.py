@@ -64,6 +64,34 @@ class EngineConfig:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**options)
 
+    @classmethod
+    def from_deepspeed(cls, ds_config: dict) -> tuple[dict, list[str]]:
+        """Engine options from a DeepSpeed config dict, and the keys that have no meaning here (ignored)."""
+        options, ignored = {}, []
+        zero = dict(ds_config.get("zero_optimization", {}))
+        param = dict(zero.pop("offload_param", None) or {})
+        device = param.pop("device", "none")
+        if device in ("cpu", "nvme"):
+            options["offload"] = device
+        elif device != "none":
+            raise InputError(f"deepspeed_config offload_param.device must be cpu, nvme or none; got {device!r}")
+        if "pin_memory" in param:
+            options["pin_memory"] = bool(param.pop("pin_memory"))
+        if "nvme_path" in param:
+            options["offload_dir"] = str(param.pop("nvme_path"))
+        ignored += [f"zero_optimization.offload_param.{k}" for k in param]
+        ignored += [f"zero_optimization.{k}" for k in zero]
+        quant = dict((ds_config.get("weight_quantization") or {}).get("quantized_initialization") or {})
+        if quant:
+            options["quant_bits"] = int(quant.pop("num_bits", 8))
+            options["quant_group_size"] = int(quant.pop("group_size", 64))
+            if quant.pop("group_dim", 1) != 1:
+                raise InputError("weight_quantization group_dim must be 1 (groups along the input dimension)")
+            quant.pop("symmetric", None)
+            ignored += [f"weight_quantization.quantized_initialization.{k}" for k in quant]
+        ignored += [k for k in ds_config if k not in ("zero_optimization", "weight_quantization")]
+        return options, sorted(ignored)
+
     def unsupported(self) -> list[str]:
         """Options this build cannot honour yet (each raises a clear error in `LLM`)."""
         wants = {"offload": self.offload != "none", "quant_bits": self.quant_bits != 16,
@@ -71,4 +99,4 @@ class EngineConfig:
         return [k for k, v in wants.items() if v and k not in IMPLEMENTED]
 
 
-IMPLEMENTED: set[str] = set()  # grows as offload / quantization / KV offload / TP land
+IMPLEMENTED: set[str] = {"offload"}  # grows as quantization / KV offload / TP land
