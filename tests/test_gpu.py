@@ -5,6 +5,7 @@ import torch
 from helpers import CONFIGS, PROMPTS, hf_greedy, make_checkpoint
 
 import zinfer
+from zinfer.runtime.batch import PaddedBatch
 
 pytestmark = pytest.mark.gpu
 KINDS = sorted(CONFIGS)
@@ -26,18 +27,27 @@ def test_fp32_greedy_parity_on_gpu(ckpt):
 
 
 def test_bf16_logits_close_and_first_tokens_equal(ckpt):
+    """bf16: last-position logits within bf16 tolerance of transformers', and the same greedy tokens for 16
+    positions, except where transformers' own logits make the two choices a bf16 near-tie."""
     kind, ref, directory = ckpt
     ref = ref.to("cuda", torch.bfloat16)
     expected, (ids, mask) = hf_greedy(ref, PROMPTS, new_tokens=16, device="cuda")
     llm = zinfer.LLM(str(directory), dtype="bfloat16", device="cuda")
-    got = [c.token_ids for c in llm.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=16, ignore_eos=True))]
-    assert got == expected, kind
+    batch = PaddedBatch.from_prompts(PROMPTS, 0, ids.shape[1], "cuda")
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits[:, -1].float()
-    scores = llm.score([p + [3] for p in PROMPTS])
-    for row in range(len(PROMPTS)):
-        exp = torch.log_softmax(want[row], -1)[3].item()
-        assert abs(scores[row][-1].item() - exp) < 0.05 * max(1.0, abs(exp)), (kind, row)
+        got = llm.model(batch.tokens, llm.engine.new_cache(len(PROMPTS), ids.shape[1]),
+                        batch.prefill_inputs(llm.model.sliding_window))[:, -1].float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2, kind
+    out = llm.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    for prompt, mine, theirs in zip(PROMPTS, [c.token_ids for c in out], expected):
+        if mine == theirs:
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        with torch.no_grad():  # transformers' logits after the shared prefix
+            logits = ref(input_ids=torch.tensor([prompt + mine[:i]], device="cuda")).logits[0, -1].float()
+        gap = (logits[theirs[i]] - logits[mine[i]]).item()
+        assert gap <= 0.02 * logits.abs().max().item(), (kind, i, gap)
 
 
 def test_graph_replay_equals_eager(ckpt):
@@ -69,3 +79,15 @@ def test_kv_cache_too_big_is_refused():
     with pytest.raises(zinfer.ZinferError, match="GiB of GPU memory is free; lower the batch size"):
         llm.generate([[5] * 4000] * int(free / (4000 * 512 * 1024) + 8),
                      zinfer.SamplingParams(max_new_tokens=8))
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_offloaded_generation_equals_resident(ckpt, offload, tmp_path):
+    kind, _, directory = ckpt
+    params = zinfer.SamplingParams(max_new_tokens=10, ignore_eos=True)
+    resident = zinfer.LLM(str(directory), dtype="float32", device="cuda", compile=False)
+    streamed = zinfer.LLM(str(directory), dtype="float32", device="cuda", offload=offload,
+                          offload_dir=str(tmp_path))
+    assert streamed.plan.streamed
+    assert [c.token_ids for c in streamed.generate(PROMPTS, params)] == [
+        c.token_ids for c in resident.generate(PROMPTS, params)], kind

@@ -28,7 +28,11 @@ def stream(model: nn.Module, plan: Plan, options: EngineConfig, device: torch.de
         total = sum(u.nbytes for u in plan.units if u.place == NVME)
         store = NvmeStore.open_or_build(options.offload_dir, key, lambda: nvme_units(model, plan),
                                         total_bytes=total, pin=options.pin_memory)
-    return WeightStreamer(model, plan, device, store, sync=sync, pin=options.pin_memory)
+    streamer = WeightStreamer(model, plan, device, store, sync=sync, pin=options.pin_memory)
+    for module in model.modules():  # computed buffers (rotary frequencies, ALiBi slopes) follow the compute
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device)
+    return streamer
 
 
 __all__ = ["GPU", "Plan", "WeightStreamer", "stream", "store_key"]

@@ -129,6 +129,12 @@ def _round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
 
 
+def _div(t: Tensor, d: int) -> Tensor:
+    """t / d, correctly rounded on every device: CUDA turns division by a Python scalar into a
+    multiply by its reciprocal, which made GPU-quantized weights differ from CPU-quantized ones."""
+    return t / torch.full_like(t, d)
+
+
 def _store_scale(s: Tensor, base, top_code: int, floor: float, fmax: float, dtype: torch.dtype) -> Tensor:
     """fp32 scale -> dtype, rounded up so the grid covers the group; rounded down instead where
     the top of the grid, base + top_code * scale, would pass dtype's largest finite value (fp16
@@ -148,12 +154,13 @@ def _quantize_rows(w: Tensor, spec: QuantSpec, kp: int, dtype: torch.dtype):
     floor = finfo.tiny  # a constant group has range 0: keep scale > 0, so no 0/0
     if spec.symmetric:
         half = 1 << (spec.bits - 1)  # codes are q + half, q in [-half, half - 1]
-        scale = _store_scale(g.abs().amax(-1) / (half - 1), 0.0, half - 1, floor, finfo.max, dtype)
+        scale = _store_scale(_div(g.abs().amax(-1), half - 1), 0.0, half - 1, floor, finfo.max, dtype)
         q = (g / scale.float()[..., None]).round_().clamp_(-half, half - 1).add_(half)
         zero = None
     else:
         zero = _round_down(g.amin(-1), dtype)
-        scale = _store_scale((g.amax(-1) - zero.float()) / spec.qmax, zero.float(), spec.qmax, floor, finfo.max, dtype)
+        rng = g.amax(-1) - zero.float()
+        scale = _store_scale(_div(rng, spec.qmax), zero.float(), spec.qmax, floor, finfo.max, dtype)
         q = ((g - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, spec.qmax)
     return q.view(r, kp).to(torch.uint8), scale, zero
 

@@ -37,7 +37,7 @@ def _gemv_kernel(
     M, N, K, NGROUPS, GROUPS_PER_SPLIT,
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_STRIDED: tl.constexpr,
 ):  # fmt: skip
     # x [M, K]; q uint8 [N, NGROUPS * GROUP * BITS / 8]; s, z [N, NGROUPS];
     # out [SPLIT, M, N] (fp32 partials, or x's dtype when SPLIT == 1).
@@ -55,7 +55,8 @@ def _gemv_kernel(
     n_mask = offs_n < N
     q_rows = q_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn  # [BN, 1, 1]
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn  # [BN, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Per (row, group-lane) partial sums; the group lanes are reduced once, after the loop.
+    acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS), dtype=tl.float32)
     g_start = pid_s * GROUPS_PER_SPLIT
     g_end = tl.minimum(g_start + GROUPS_PER_SPLIT, NGROUPS)
     for g0 in range(g_start, g_end, GROUPS):
@@ -77,17 +78,29 @@ def _gemv_kernel(
             q_lo = qb.to(tl.float32)
         kk = grp[:, None] * GROUP + offs_e[None, :]  # [GR, GP] column of x
         x_mask = g_mask[:, None] & (offs_e[None, :] < GROUP) & (kk < K)
+        ke = grp[:, None] * GROUP + offs_b[None, :] * PER  # [GR, GB] column of x met by q_lo
+        xe_mask = g_mask[:, None] & (offs_b[None, :] < GROUP // PER)
         for m in tl.static_range(BLOCK_M):
-            xm = tl.load(x_ptr + m * stride_xm + kk, mask=x_mask & (kk * 0 + m < M), other=0.0).to(tl.float32)
-            xsum = tl.sum(xm, axis=1)  # [GR]
+            x_row = x_ptr + m * stride_xm
+            if BITS == 4 and X_STRIDED:  # even / odd elements by two strided loads
+                m_ok = ke * 0 + m < M
+                x_lo = tl.load(x_row + ke, mask=xe_mask & (ke < K) & m_ok, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_row + ke + 1, mask=xe_mask & (ke + 1 < K) & m_ok, other=0.0).to(tl.float32)
+                xsum = tl.sum(x_lo + x_hi, axis=1)  # [GR]
+            else:
+                xm = tl.load(x_row + kk, mask=x_mask & (kk * 0 + m < M), other=0.0).to(tl.float32)  # [GR, GP]
+                xsum = tl.sum(xm, axis=1)
+                if BITS == 4:  # even / odd elements by one load and a split
+                    x_lo, x_hi = tl.split(tl.reshape(xm, (GROUPS, GB, 2)))
+                else:
+                    x_lo = xm
             if BITS == 4:
-                x_lo, x_hi = tl.split(tl.reshape(xm, (GROUPS, GB, 2)))  # even / odd elements
                 dq = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)  # [BN, GR]
             else:
-                dq = tl.sum(q_lo * xm[None, :, :], axis=2)
-            part = tl.sum(dq * s + z * xsum[None, :], axis=1)  # [BN]
-            acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+                dq = tl.sum(q_lo * x_lo[None, :, :], axis=2)
+            acc += tl.where(offs_m[:, None, None] == m, (dq * s + z * xsum[None, :])[None, :, :], 0.0)
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    acc = tl.sum(acc, axis=2)  # [BM, BN]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
 
 
@@ -98,9 +111,12 @@ def _gemm_kernel(
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     # x [M, K]; q uint8 [N, KP * BITS / 8]; s, z [N, KP / GROUP]; out [SPLIT, M, N].
     # M_BUCKET only keys the autotuner. K_PER_SPLIT is a multiple of BLOCK_K.
+    # SWAP_AB computes out.T = W @ x.T: the dequantized W (registers) is the MMA's A operand, which
+    # Hopper's wgmma can read from registers, and BLOCK_M (tokens) may be as small as 16.
     PER: tl.constexpr = 8 // BITS
     BKB: tl.constexpr = BLOCK_K // PER  # weight bytes per row of a tile
     HALF: tl.constexpr = 1 << (BITS - 1)
@@ -125,7 +141,7 @@ def _gemm_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BN, 1]
     s_rows = offs_n.to(tl.int64) * stride_sn  # [BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_s * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, KP), BLOCK_K):
         kk = k0 + offs_k  # [BK]
@@ -147,20 +163,29 @@ def _gemm_kernel(
             w = codes.to(tl.float32) * s + tl.load(z_ptr + sz_ptr, mask=sz_mask, other=0.0).to(tl.float32)
         else:
             w = (codes.to(tl.float32) - HALF) * s
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # fp32 accumulation
-    out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        if SWAP_AB:  # fp32 accumulation
+            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BN, BM]
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # [BM, BN]
+    out = out_ptr + pid_s * stride_os
+    if SWAP_AB:
+        out += offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        out += offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 _GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_SIZE_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (64, 64, 4, 4),
-        (64, 128, 4, 4),
-        (128, 64, 4, 4),
-        (128, 128, 8, 3),
-        (128, 256, 8, 3),
-        (64, 256, 8, 3),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_SIZE_M": 8, "SWAP_AB": sw}, num_warps=w, num_stages=s)
+    for bm, bn, sw, w, s in [
+        (64, 128, False, 4, 4),
+        (128, 128, False, 8, 3),
+        (128, 256, False, 8, 3),
+        (64, 128, True, 4, 4),
+        (128, 128, True, 8, 3),
+        (256, 128, True, 8, 3),
+        (128, 64, True, 4, 4),
     ]
 ]
 _gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GROUP", "HAS_ZERO"])(
@@ -190,19 +215,19 @@ def _gemv_config(m: int, n: int, qw: QuantizedWeight, n_sm: int) -> dict:
     g = qw.spec.group_size
     gp = triton.next_power_of_2(g)
     gb = gp // qw.spec.per_byte
-    block_n = 16
-    groups = max(1, 4096 // (block_n * gb))  # ~4 KiB of packed weight per tile
+    block_n = 4  # many small programs: measured best on H100 for M = 1
+    groups = max(1, 2048 // (block_n * gb))  # ~2 KiB of packed weight per tile
     ngroups = qw.padded_k // g
     per = _split(ngroups, triton.cdiv(n, block_n), n_sm, groups)
     return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, GROUPS=groups, GP=gp,
-                GROUPS_PER_SPLIT=per, num_warps=4)  # fmt: skip
+                GROUPS_PER_SPLIT=per, X_STRIDED=False, num_warps=4)  # fmt: skip
 
 
 def _small_gemm_config(m: int, n: int, qw: QuantizedWeight, n_sm: int) -> dict:
     bm = max(16, triton.next_power_of_2(m))
     bn, bk = 64, _gemm_block_k(qw.spec.group_size)
     per = _split(qw.padded_k, triton.cdiv(m, bm) * triton.cdiv(n, bn), n_sm, bk)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_SIZE_M=1, K_PER_SPLIT=per,
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_SIZE_M=1, K_PER_SPLIT=per, SWAP_AB=False,
                 num_warps=4, num_stages=3)  # fmt: skip
 
 
