@@ -80,15 +80,18 @@ def run_case(name, n, k, m, spec, dtype, bw):
     qw, w = qws[0], ws[0]
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     io = (m * k + m * n) * x.element_size()
+    out = torch.empty(m, n, device="cuda", dtype=dtype)
     t = {
         "torch_mm": graph_time([lambda w=w: x @ w.t() for w in ws]),
         "dequant_then_mm": graph_time([lambda q=q: x @ dequantize(q, dtype).t() for q in qws[:2]]),
+        "triton_dequant_then_mm": graph_time([lambda q=q: x @ tk.dequantize(q, dtype).t() for q in qws]),
+        "gemm_kernel": graph_time([lambda q=q: tk.gemm(x, q, out) for q in qws]) if m > 1 else float("nan"),
         "fused": graph_time([lambda q=q: quant_matmul(x, q) for q in qws]),
         "fused_eager": bench(lambda: quant_matmul(x, qw)),
     }
     ref = x.float() @ dequantize(qw, torch.float32).t()
     rel = ((quant_matmul(x, qw).float() - ref).norm() / ref.norm()).item()
-    best = getattr(tk._gemm_tuned, "best_config", None) if m > tk.SMALL_M else None
+    best = getattr(tk._gemm_tuned, "best_config", None) if m > tk.SMALL_M else None  # of the gemm_kernel run
     row = dict(name=name, n=n, k=k, m=m, bits=spec.bits, group=spec.group_size, symmetric=spec.symmetric,
                packed_bytes=qw.nbytes, rel_err=rel, ms=t, gemm_config=str(best) if best else None,
                gbps_fused=(qw.nbytes + io) / (t["fused"] * 1e-3) / 1e9,
@@ -135,7 +138,7 @@ def sweep(n, k, m, spec, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", default="4,8")
-    p.add_argument("--ms", default="1,16,512")
+    p.add_argument("--ms", default="1,2,4,16,64,128,256,512")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -162,8 +165,9 @@ def main():
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s (read+write)")
     print("median us per call, CUDA-graph replay, weights rotated past L2 (fused_eager: one eager call)")
-    print(f"{'case':<22}{'torch_mm':>10}{'deq+mm':>10}{'deq floor':>10}{'fused':>10}{'eager':>10}{'floor':>10}"
-          f"{'fused GB/s':>12}{'vs deq+mm':>10}{'vs mm':>8}{'rel_err':>9}")  # fmt: skip
+    print("deq+mm: torch dequantize; tdeq+mm: Triton dequantize kernel; gemm: the fused GEMM kernel forced")
+    print(f"{'case':<22}{'torch_mm':>10}{'deq+mm':>10}{'tdeq+mm':>10}{'gemm':>10}{'fused':>10}{'eager':>10}"
+          f"{'floor':>10}{'fused GB/s':>12}{'vs deq+mm':>10}{'vs tdeq':>8}{'vs mm':>8}{'rel_err':>9}")  # fmt: skip
     rows = []
     for spec in specs:
         for name, n, k in shapes:
@@ -177,8 +181,9 @@ def main():
 def _fmt_row(label, r):
     t, us = r["ms"], lambda ms: f"{ms * 1e3:>9.1f}u"
     return (
-        f"{label:<22}{us(t['torch_mm'])}{us(t['dequant_then_mm'])}{us(r['deq_mm_floor_ms'])}{us(t['fused'])}"
-        f"{us(t['fused_eager'])}{us(r['floor_ms'])}{r['gbps_fused']:>12.0f}{t['dequant_then_mm'] / t['fused']:>9.2f}x"
+        f"{label:<22}{us(t['torch_mm'])}{us(t['dequant_then_mm'])}{us(t['triton_dequant_then_mm'])}"
+        f"{us(t['gemm_kernel'])}{us(t['fused'])}{us(t['fused_eager'])}{us(r['floor_ms'])}{r['gbps_fused']:>12.0f}"
+        f"{t['dequant_then_mm'] / t['fused']:>9.2f}x{t['triton_dequant_then_mm'] / t['fused']:>7.2f}x"
         f"{t['torch_mm'] / t['fused']:>7.2f}x{r['rel_err']:>9.1e}"
     )
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the named benchmark cases. Results land in $OUT.
-# Usage (device tool):  bash benchmarks/run_device.sh [pytest-args]
+# Usage (device tool):  [TESTS=-k expr] [BENCH_CASES="in_gpu offload"] bash benchmarks/run_device.sh
 set -uo pipefail
 OUT=${OUT:-./.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ZINFER_CACHE=${ZINFER_CACHE:-/tmp/zinfer-cache}
@@ -11,8 +11,12 @@ else
     export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-for case in ${BENCH_CASES:-profile_decode in_gpu}; do
-    python3 benchmarks/$case.py 2>&1 | tee "$OUT/bench_$case.log" | tail -12
+if [ "${TESTS:-all}" != "none" ]; then
+    if [ "${TESTS:-all}" = "all" ]; then sel=(); else sel=(-k "$TESTS"); fi
+    python3 -m pytest -q -m gpu tests -p no:cacheprovider "${sel[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+for case in ${BENCH_CASES:-in_gpu offload}; do
+    python3 benchmarks/$case.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$case.log" | tail -12
 done

@@ -238,12 +238,14 @@ _INTERP_SCRIPT = textwrap.dedent(
         x = torch.randn(m, k, dtype=torch.float16)
         ref = x.float() @ dequantize(qw, torch.float32).t()
         bk = 16 if spec.group_size % 32 else 32
-        for fn, cfg in [(tk.gemv, dict(GROUPS=2, GROUPS_PER_SPLIT=3, X_STRIDED=True)), (tk.gemv, {}),
+        for fn, cfg in [(tk.gemv, dict(GROUPS=2, GROUPS_PER_SPLIT=3)), (tk.gemv, {}),
                         (tk.gemm, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, K_PER_SPLIT=2 * bk)),
                         (tk.gemm, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_PER_SPLIT=4096, SWAP_AB=True))]:
             out = torch.full((m, n), float("nan"), dtype=torch.float16)
             fn(x, qw, out, cfg=cfg)
             worst = max(worst, ((out.float() - ref).norm() / ref.norm()).item())
+        w = tk.dequantize(qw, torch.float16).float()
+        worst = max(worst, ((w - dequantize(qw, torch.float32)).norm() / w.norm()).item())
     print(f"worst relative error {worst:.2e}")
     sys.exit(0 if worst < 2e-3 else 1)
     """

@@ -1,8 +1,9 @@
 """quant_matmul: y = x @ dequantize(qw).T without materializing the dense weight (when it can).
 
 Dispatch:
-  CUDA x (fp16/bf16) and Triton importable -> fused Triton kernels (triton_kernels.py):
-      GEMV-style kernel for M <= GEMV_MAX_M rows (decode), tiled GEMM kernel above (prefill).
+  CUDA x (fp16/bf16) and Triton importable -> Triton (triton_kernels.py), by M = rows of x:
+      M <= GEMV_MAX_M: fused GEMV kernel (decode); M < DEQUANT_MIN_M: fused tensor-core GEMM;
+      larger M (compute-bound prefill): Triton dequantize kernel into a scratch weight + cuBLAS.
   otherwise -> torch fallback: dequantize a block of rows, matmul, next block; peak extra
       memory is one block, never the whole dense weight (unless cache_dequantized=True).
 

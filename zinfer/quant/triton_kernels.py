@@ -2,19 +2,21 @@
 
 Imported only on CUDA machines with Triton (ops.py imports it lazily).
 
-GEMV (decode, M <= GEMV_MAX_M): CUDA cores, fp32. A tile is [BLOCK_N rows, GROUPS groups, GB
-bytes of one group] so scale and zero are one load per (row, group). The scale is factored
-out of the group sum: sum_k x_k (q_k s + z) = s * sum_k x_k q_k + z * sum_k x_k, so the
-per-element work is one convert and one FMA; sum_k x_k is shared by all rows. 4-bit bytes are
-split into low / high nibbles and met by the even / odd elements of x (no interleave).
-Split-K over groups keeps the GPU busy when N is small: fp32 partials, reduced by torch.
-
-GEMM (prefill, larger M): x tile [BLOCK_M, BLOCK_K], weight tile [BLOCK_N, BLOCK_K]
-dequantized in registers (fp32, then x's dtype), tl.dot with an fp32 accumulator. Autotuned
-for large M; small M (<= SMALL_M) uses a fixed config with split-K instead, since few tiles
-over N alone cannot fill the GPU.
-
-Autotuning benchmarks on a shape's first call: warm up before capturing a CUDA graph.
+Dispatch by M = rows of x (thresholds measured on an H100, benchmarks/quant_kernels.py):
+  M <= GEMV_MAX_M            GEMV kernel: CUDA cores, fp32. A tile is [BLOCK_N rows, GROUPS
+                             groups, GB bytes of one group], so scale and zero are one load per
+                             (row, group), and the scale is factored out of the group sum:
+                             sum_k x_k (q_k s + z) = s * sum_k x_k q_k + z * sum_k x_k. 4-bit bytes
+                             split into low / high nibbles meet the even / odd elements of x.
+  M <  DEQUANT_MIN_M         GEMM kernel: weight tile [BLOCK_N, BLOCK_K] dequantized in
+                             registers, tl.dot (tensor cores) with an fp32 accumulator. Fixed
+                             config with split-K up to SMALL_M (few tiles cannot fill the GPU),
+                             autotuned above.
+  M >= DEQUANT_MIN_M         compute-bound: dequantize the layer with a Triton kernel into a
+                             scratch [N, K] and use cuBLAS, whose matmul outruns the fused one.
+Split-K writes fp32 partials, reduced by torch. Codes become floats by the 2^23 trick, not I2F
+(a quarter-rate instruction that bounded the kernels). Autotuning benchmarks on a shape's first
+call: warm up before capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -27,8 +29,45 @@ import triton.language as tl
 
 from zinfer.quant.pack import QuantizedWeight
 
-GEMV_MAX_M = 4  # above this the CUDA-core FMAs cost more than the weight bytes: use tl.dot
+GEMV_MAX_M = 2  # at M = 4 the tensor-core GEMM was already 1.3-1.9x faster than the GEMV
 SMALL_M = 64  # up to here the GEMM kernel runs a fixed config with split-K
+DEQUANT_MIN_M = 256  # at M = 512 dequantize + cuBLAS was ~2x faster than the fused GEMM
+
+
+@triton.jit
+def _codes_to_f32(c):
+    # Integer codes < 2^23 -> fp32 without I2F: OR them into the mantissa of 2^23 (0x4B000000),
+    # reinterpret as float (= 2^23 + c exactly), subtract 2^23.
+    return (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _dequant_tile(
+    q_rows, s_ptr, z_ptr, s_rows, n_mask, k0, KP,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # fp32 [BLOCK_N, BLOCK_K]: rows q_rows ([BN, 1] pointers), columns k0 .. k0 + BLOCK_K of Kp.
+    PER: tl.constexpr = 8 // BITS
+    BKB: tl.constexpr = BLOCK_K // PER  # bytes per row of the tile
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    kb = k0 // PER + tl.arange(0, BKB)
+    qb = tl.load(q_rows + kb[None, :], mask=n_mask[:, None] & (kb[None, :] < KP // PER), other=0)
+    if BITS == 4:  # [BN, BKB] bytes -> [BN, BK] codes, low nibble first
+        codes = tl.reshape(tl.join(qb & 0xF, qb >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        codes = qb
+    if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per row
+        sz_ptr = s_rows[:, None] + k0 // GROUP  # [BN, 1]
+        sz_mask = n_mask[:, None]
+    else:
+        sz_ptr = s_rows[:, None] + (kk // GROUP)[None, :]  # [BN, BK]
+        sz_mask = n_mask[:, None] & (kk[None, :] < KP)
+    s = tl.load(s_ptr + sz_ptr, mask=sz_mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        return _codes_to_f32(codes) * s + tl.load(z_ptr + sz_ptr, mask=sz_mask, other=0.0).to(tl.float32)
+    else:
+        return (_codes_to_f32(codes) - HALF) * s
 
 
 @triton.jit
@@ -37,7 +76,7 @@ def _gemv_kernel(
     M, N, K, NGROUPS, GROUPS_PER_SPLIT,
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_STRIDED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     # x [M, K]; q uint8 [N, NGROUPS * GROUP * BITS / 8]; s, z [N, NGROUPS];
     # out [SPLIT, M, N] (fp32 partials, or x's dtype when SPLIT == 1).
@@ -72,32 +111,20 @@ def _gemv_kernel(
         else:
             z = s * (-HALF)  # (q - HALF) * s = q * s + z
         if BITS == 4:
-            q_lo = (qb & 0xF).to(tl.float32)  # element 2b of the group
-            q_hi = (qb >> 4).to(tl.float32)  # element 2b + 1
+            q_lo = _codes_to_f32(qb & 0xF)  # element 2b of the group
+            q_hi = _codes_to_f32(qb >> 4)  # element 2b + 1
         else:
-            q_lo = qb.to(tl.float32)
+            q_lo = _codes_to_f32(qb)
         kk = grp[:, None] * GROUP + offs_e[None, :]  # [GR, GP] column of x
         x_mask = g_mask[:, None] & (offs_e[None, :] < GROUP) & (kk < K)
-        ke = grp[:, None] * GROUP + offs_b[None, :] * PER  # [GR, GB] column of x met by q_lo
-        xe_mask = g_mask[:, None] & (offs_b[None, :] < GROUP // PER)
         for m in tl.static_range(BLOCK_M):
-            x_row = x_ptr + m * stride_xm
-            if BITS == 4 and X_STRIDED:  # even / odd elements by two strided loads
-                m_ok = ke * 0 + m < M
-                x_lo = tl.load(x_row + ke, mask=xe_mask & (ke < K) & m_ok, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_row + ke + 1, mask=xe_mask & (ke + 1 < K) & m_ok, other=0.0).to(tl.float32)
-                xsum = tl.sum(x_lo + x_hi, axis=1)  # [GR]
-            else:
-                xm = tl.load(x_row + kk, mask=x_mask & (kk * 0 + m < M), other=0.0).to(tl.float32)  # [GR, GP]
-                xsum = tl.sum(xm, axis=1)
-                if BITS == 4:  # even / odd elements by one load and a split
-                    x_lo, x_hi = tl.split(tl.reshape(xm, (GROUPS, GB, 2)))
-                else:
-                    x_lo = xm
-            if BITS == 4:
+            xm = tl.load(x_ptr + m * stride_xm + kk, mask=x_mask & (kk * 0 + m < M), other=0.0).to(tl.float32)
+            xsum = tl.sum(xm, axis=1)  # [GR]
+            if BITS == 4:  # even / odd elements (one load and a split beat two strided loads)
+                x_lo, x_hi = tl.split(tl.reshape(xm, (GROUPS, GB, 2)))
                 dq = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)  # [BN, GR]
             else:
-                dq = tl.sum(q_lo * x_lo[None, :, :], axis=2)
+                dq = tl.sum(q_lo * xm[None, :, :], axis=2)
             acc += tl.where(offs_m[:, None, None] == m, (dq * s + z * xsum[None, :])[None, :, :], 0.0)
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     acc = tl.sum(acc, axis=2)  # [BM, BN]
@@ -117,10 +144,6 @@ def _gemm_kernel(
     # M_BUCKET only keys the autotuner. K_PER_SPLIT is a multiple of BLOCK_K.
     # SWAP_AB computes out.T = W @ x.T: the dequantized W (registers) is the MMA's A operand, which
     # Hopper's wgmma can read from registers, and BLOCK_M (tokens) may be as small as 16.
-    PER: tl.constexpr = 8 // BITS
-    BKB: tl.constexpr = BLOCK_K // PER  # weight bytes per row of a tile
-    HALF: tl.constexpr = 1 << (BITS - 1)
-    TILE_IN_GROUP: tl.constexpr = GROUP % BLOCK_K == 0  # one scale per row per tile
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     # Grouped ordering: GROUP_SIZE_M row-tiles share each weight tile while it is in L2.
@@ -135,7 +158,6 @@ def _gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kb = tl.arange(0, BKB)
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
@@ -146,23 +168,7 @@ def _gemm_kernel(
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, KP), BLOCK_K):
         kk = k0 + offs_k  # [BK]
         x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)  # [BM, BK]
-        kb = k0 // PER + offs_kb  # [BKB]
-        qb = tl.load(q_rows + kb[None, :], mask=n_mask[:, None] & (kb[None, :] < KP // PER), other=0)
-        if BITS == 4:  # [BN, BKB] bytes -> [BN, BK] codes, low nibble first
-            codes = tl.reshape(tl.join(qb & 0xF, qb >> 4), (BLOCK_N, BLOCK_K))
-        else:
-            codes = qb
-        if TILE_IN_GROUP:
-            sz_ptr = s_rows[:, None] + k0 // GROUP  # [BN, 1]
-            sz_mask = n_mask[:, None]
-        else:
-            sz_ptr = s_rows[:, None] + (kk // GROUP)[None, :]  # [BN, BK]
-            sz_mask = n_mask[:, None] & (kk[None, :] < KP)
-        s = tl.load(s_ptr + sz_ptr, mask=sz_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            w = codes.to(tl.float32) * s + tl.load(z_ptr + sz_ptr, mask=sz_mask, other=0.0).to(tl.float32)
-        else:
-            w = (codes.to(tl.float32) - HALF) * s
+        w = _dequant_tile(q_rows, s_ptr, z_ptr, s_rows, n_mask, k0, KP, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K)
         if SWAP_AB:  # fp32 accumulation
             acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BN, BM]
         else:
@@ -174,6 +180,23 @@ def _gemm_kernel(
     else:
         out += offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequant_kernel(
+    q_ptr, s_ptr, z_ptr, out_ptr, N, K, KP, stride_qn, stride_sn, stride_on,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # out [N, K] (true K) = the dense weight, in out's dtype.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = offs_n < N
+    q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    w = _dequant_tile(q_rows, s_ptr, z_ptr, offs_n.to(tl.int64) * stride_sn, n_mask, k0, KP,
+                      BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K)  # fmt: skip
+    kk = k0 + tl.arange(0, BLOCK_K)
+    out = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + kk[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (kk[None, :] < K))
 
 
 _GEMM_CONFIGS = [
@@ -205,8 +228,9 @@ def _gemm_block_k(group: int) -> int:
 
 def _split(units: int, tiles: int, n_sm: int, unit_step: int) -> int:
     """Units (groups, or K) per split, a multiple of unit_step, so that tiles * splits ~ 4
-    programs per SM while each split still loops at least 4 times."""
-    want = max(1, min(-(-4 * n_sm // tiles), units // (4 * unit_step)))
+    programs per SM while each split still loops at least 4 times; no split from 2 tiles per SM
+    (the fp32 partials' traffic then costs more than it gains: gate_up at M = 64, 130 -> 97 us)."""
+    want = 1 if tiles >= 2 * n_sm else max(1, min(-(-4 * n_sm // tiles), units // (4 * unit_step)))
     per = -(-units // want)
     return -(-per // unit_step) * unit_step
 
@@ -220,7 +244,7 @@ def _gemv_config(m: int, n: int, qw: QuantizedWeight, n_sm: int) -> dict:
     ngroups = qw.padded_k // g
     per = _split(ngroups, triton.cdiv(n, block_n), n_sm, groups)
     return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, GROUPS=groups, GP=gp,
-                GROUPS_PER_SPLIT=per, X_STRIDED=False, num_warps=4)  # fmt: skip
+                GROUPS_PER_SPLIT=per, num_warps=4)  # fmt: skip
 
 
 def _small_gemm_config(m: int, n: int, qw: QuantizedWeight, n_sm: int) -> dict:
@@ -290,16 +314,38 @@ def gemm(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | No
         out.copy_(part.sum(0))
 
 
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype`, by one Triton kernel (pack.dequantize's torch ops
+    make fp32 temporaries and take ~10x longer)."""
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=dtype, device=qw.device)
+    bn, bk = 64, _gemm_block_k(qw.spec.group_size)
+    grid = (triton.cdiv(n, bn), triton.cdiv(qw.padded_k, bk))
+    _dequant_kernel[grid](
+        qw.qweight, qw.scale, qw.zero if qw.zero is not None else qw.scale, out, n, k, qw.padded_k,
+        qw.qweight.stride(0), qw.scale.stride(0), out.stride(0),
+        BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return out
+
+
 def fused_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """x [..., K] fp16/bf16 on CUDA -> [..., N] in x's dtype."""
     n, k = qw.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    if x2.shape[0] > 0:
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m > 0:
         with torch.cuda.device(x.device):
-            (gemv if x2.shape[0] <= GEMV_MAX_M else gemm)(x2, _contiguous(qw), out)
+            qw = _contiguous(qw)
+            if m <= GEMV_MAX_M:
+                gemv(x2, qw, out)
+            elif m < DEQUANT_MIN_M:
+                gemm(x2, qw, out)
+            else:
+                torch.matmul(x2, dequantize(qw, x.dtype).t(), out=out)
     return out.view(*x.shape[:-1], n)
 
 

@@ -44,13 +44,16 @@ def sync(device: torch.device) -> None:
 
 
 class Generator:
-    """Runs prompts through a model. `compile=True` replays decode steps as CUDA graphs on a GPU."""
+    """Runs prompts through a model. `compile` (None = auto: on CUDA only) compiles the decode step with
+    torch.compile; on CUDA the step is also replayed as a CUDA graph."""
 
-    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool = True):
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool | None = None):
         self.model, self.device, self.dtype = model, device, dtype
-        self.use_graph = compile and device.type == "cuda"
+        cuda = device.type == "cuda"
+        self.use_graph = cuda and compile is not False
         # MoE routing picks experts on the host in eager mode, which torch.compile cannot trace
-        self.fuse = self.use_graph and getattr(model, "compilable", True)
+        wanted = cuda if compile is None else compile
+        self.fuse = wanted and getattr(model, "compilable", True)
         self.state: DecodeState | None = None
 
     def check_prompts(self, prompts: list[list[int]]) -> None:
