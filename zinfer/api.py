@@ -4,20 +4,24 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.offload import store_key, stream
 from zinfer.offload.plan import make_plan
+from zinfer.quant import QuantSpec
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
 from zinfer.weights.dummy import iter_dummy
-from zinfer.weights.loader import build_empty, load_weights
+from zinfer.weights.loader import build_empty, load_weights, quantize_shells
 from zinfer.weights.source import resolve
 
 log = logging.getLogger(__name__)
+QUANT_CONFIG = "quant_config.json"  # the QuantSpec of a quantized checkpoint, beside its safetensors
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -88,6 +92,9 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         self.seed = seed
         empty = build_empty(self.config, meta=meta)
+        self.quant = self._quant_spec()
+        if self.quant is not None:
+            quantize_shells(empty, self.quant, self.dtype)
         self.plan = make_plan(empty, self.options, self.device, self.dtype) if self.options.offload != "none" else None
         streaming = self.plan is not None and bool(self.plan.streamed)
         # streamed models are read into host memory first, then each unit goes to its planned home
@@ -101,6 +108,36 @@ class LLM:
         self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile)
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
+
+    def _quant_spec(self) -> QuantSpec | None:
+        """From quant_bits/quant_group_size, or the spec saved beside a quantized checkpoint."""
+        saved = self.source.directory / QUANT_CONFIG if self.source.directory is not None else None
+        asked = None
+        if self.options.quant_bits != 16:
+            asked = QuantSpec(bits=self.options.quant_bits, group_size=self.options.quant_group_size)
+        if saved is None or not saved.exists():
+            return asked
+        spec = QuantSpec.from_dict(json.loads(saved.read_text()))
+        if asked is not None and asked != spec:
+            raise InputError(f"{self.source.name!r} is a checkpoint quantized as {spec}; it cannot be loaded "
+                             f"as {asked}: drop quant_bits or use the dense checkpoint")
+        return spec
+
+    def save(self, directory) -> Path:
+        """Write the (quantized) weights as a Hugging Face-style directory that loads without re-quantizing."""
+        if self.streamer is not None:
+            raise InputError("save() needs every weight in memory: load without offload, then save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        if self.quant is not None:
+            (directory / QUANT_CONFIG).write_text(json.dumps(self.quant.to_dict(), indent=1))
+        tied = set(self.model.tied_weights)
+        state = {n: p.detach().contiguous().clone().cpu() for n, p in self.model.named_parameters() if n not in tied}
+        save_file(state, str(directory / "model.safetensors"))
+        return directory
 
     # --- token helpers -------------------------------------------------------------------
     @property

@@ -99,4 +99,4 @@ class EngineConfig:
         return [k for k, v in wants.items() if v and k not in IMPLEMENTED]
 
 
-IMPLEMENTED: set[str] = {"offload"}  # grows as quantization / KV offload / TP land
+IMPLEMENTED: set[str] = {"offload", "quant_bits"}  # grows as KV offload / TP land

@@ -23,6 +23,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.gate = Linear(dim, num_experts)
+        self.gate.quantizable = False  # the router stays dense: its few weights decide every token's experts
         self.experts = nn.ModuleList(Expert(dim, ffn_dim, act) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,13 @@ class CausalLM(nn.Module):
     max_positions: int
     sliding_window: int | None = None
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The list of decoder blocks (model.layers, model.decoder.layers, transformer.h ...)."""
+        for module in self.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return module
+        raise ValueError(f"{type(self).__name__} has no ModuleList of {self.num_layers} layers")
+
     def tie_weights(self) -> None:
         """Point tied parameters at their source (`tie_word_embeddings`)."""
         for dst, src in self.tied_weights.items():

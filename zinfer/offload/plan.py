@@ -64,20 +64,21 @@ class Plan:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks (model.layers, model.decoder.layers, transformer.h ...)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == model.num_layers:
-            return module
-    raise ValueError(f"{type(model).__name__} has no ModuleList of {model.num_layers} layers")
+    return model.decoder_layers()
+
+
+def _nbytes(p: torch.Tensor, dtype: torch.dtype) -> int:
+    # meta shells are float32 until loaded at `dtype`; packed quantized weights keep their integer type
+    return p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
 
 
 def unit_bytes(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     """Bytes of each unit at `dtype` (counted on the meta model: no memory is touched)."""
     layers = decoder_layers(model)
     in_layers = {id(p) for p in layers.parameters()}
-    sizes = {f"layers.{i}": sum(p.numel() for p in layer.parameters()) for i, layer in enumerate(layers)}
-    sizes[REST] = sum(p.numel() for p in model.parameters() if id(p) not in in_layers)
-    return {k: v * dtype.itemsize for k, v in sizes.items()}
+    sizes = {f"layers.{i}": sum(_nbytes(p, dtype) for p in layer.parameters()) for i, layer in enumerate(layers)}
+    sizes[REST] = sum(_nbytes(p, dtype) for p in model.parameters() if id(p) not in in_layers)
+    return sizes
 
 
 def _free_gpu(device: torch.device) -> int:

@@ -108,10 +108,9 @@ def _tensors(modules: list[nn.Module], skip: set[int]):
             for name, p in module.named_parameters(recurse=False):
                 yield module, name, p
             for value in vars(module).values():
-                if isinstance(value, MergedLinears) and value.weight is not None:
-                    yield value, "weight", value.weight
-                    if value.bias is not None:
-                        yield value, "bias", value.bias
+                if isinstance(value, MergedLinears):
+                    for name, t in value.fused_tensors().items():
+                        yield value, name, t
 
 
 class WeightStreamer:

@@ -22,5 +22,14 @@ def dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, device, seed:
 
 
 def iter_dummy(model: nn.Module, dtype: torch.dtype, device, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """A dense tensor for every parameter; quantized Linears get their dense `weight` (quantized on load)."""
+    packed = {}
+    for path, m in model.named_modules():
+        if getattr(m, "qspec", None) is not None and hasattr(m, "out_features"):
+            packed[f"{path}.weight"] = (m.out_features, m.in_features)
+    skip = {f"{p[:-len('.weight')]}.{n}" for p in packed for n in ("qweight", "scale", "zero")}
     for name, p in model.named_parameters():
-        yield name, dummy_tensor(name, p.shape, dtype, device, seed)
+        if name not in skip:
+            yield name, dummy_tensor(name, p.shape, dtype, device, seed)
+    for name, shape in packed.items():
+        yield name, dummy_tensor(name, torch.Size(shape), dtype, device, seed)
