@@ -32,7 +32,7 @@ from zinfer.runtime.sampling import SamplingParams
 from zinfer.weights.loader import build_empty
 from zinfer.weights.source import BUILTIN_DIR, builtin_names, config_from_dict
 
-COMMAND_MODULES = ["zinfer.bench.cli", "zinfer.offload.cli", "zinfer.quant.cli"]
+COMMAND_MODULES = ["zinfer.bench.cli", "zinfer.plan_cli", "zinfer.perplexity"]
 
 EXAMPLES = """\
 examples:

@@ -1,0 +1,63 @@
+"""`zinfer perplexity` (sliding window over LLM.score) and `zinfer plan`."""
+
+import json
+import math
+
+import pytest
+from helpers import make_checkpoint, save_word_tokenizer
+
+import zinfer
+from zinfer.cli import main
+from zinfer.perplexity import SAMPLE_TEXT, perplexity
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ppl")
+    make_checkpoint("llama", directory)
+    save_word_tokenizer(directory)
+    return directory
+
+
+TEXT = " ".join(f"w{3 + (i * 7) % 150}" for i in range(300))  # 300 tokens > the tiny context of 128
+
+
+def test_single_window_equals_mean_score(tiny):
+    llm = zinfer.LLM(str(tiny), device="cpu")
+    text = " ".join(TEXT.split()[:100])
+    expected = math.exp(-llm.score([llm.encode([text])[0]])[0].double().mean().item())
+    got = perplexity(llm, text)
+    assert got["tokens"] == 99 and got["perplexity"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_sliding_window_scores_every_token_once(tiny):
+    llm = zinfer.LLM(str(tiny), device="cpu")
+    a = perplexity(llm, TEXT, window=64, stride=16)
+    b = perplexity(llm, TEXT, window=64, stride=64)
+    assert a["tokens"] == b["tokens"] == 299
+    assert math.isfinite(a["perplexity"]) and a["perplexity"] != b["perplexity"]
+
+
+def test_perplexity_cli(tiny, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT)
+    assert main(["perplexity", str(f), "--model", str(tiny), "--device", "cpu", "--json", "--window", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == 299 and out["window"] == 64
+    assert main(["perplexity", str(tmp_path / "missing.txt"), "--model", str(tiny)]) == 2
+
+
+def test_sample_text_is_long_enough():
+    assert len(SAMPLE_TEXT.read_text().split()) > 1500
+
+
+def test_plan_cli_prints_table(capsys):
+    assert main(["plan", "--model", "llama-2-70b", "--gpu-memory", "24GiB", "--gpu-free", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.79" in out and "PCIe floor per decode step" in out and "double buffer" in out
+
+
+def test_plan_cli_impossible_budget(capsys):
+    assert main(["plan", "--model", "llama-3-8b", "--offload", "cpu", "--gpu-memory", "1GiB",
+                 "--gpu-free", "80GiB"]) == 2
+    assert "give at least" in capsys.readouterr().err
