@@ -2,17 +2,19 @@
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.offload import store_key, stream
-from zinfer.offload.plan import make_plan
+from zinfer.offload.plan import kv_policy, make_plan
 from zinfer.quant import QuantSpec
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
@@ -100,12 +102,16 @@ class LLM:
         # streamed models are read into host memory first, then each unit goes to its planned home
         load_device = torch.device("cpu") if streaming else self.device
         weights = (iter_dummy(empty, self.dtype, load_device, seed or 0) if dummy else self.source.weights())
+        # a bar for a person at a terminal: loading a large checkpoint takes a while; logs stay clean
+        weights = tqdm(weights, desc=f"loading {self.source.name}", total=sum(1 for _ in empty.parameters()),
+                       unit=" tensors", disable=not sys.stderr.isatty(), leave=False)
         self.model = load_weights(empty, weights, load_device, self.dtype)
         self.streamer = None
         if streaming:
             key = store_key(self.model, self.source.name, self.dtype, self.options)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
-        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile)
+        kv = kv_policy(self.options, self.device, self.plan)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv)
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
 
