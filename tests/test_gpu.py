@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import CONFIGS, PROMPTS, hf_greedy, make_checkpoint
 
 import zinfer
+from helpers import CONFIGS, PROMPTS, hf_greedy, make_checkpoint
 from zinfer.runtime.batch import PaddedBatch
 
 pytestmark = pytest.mark.gpu

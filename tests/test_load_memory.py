@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import transformers
+
 from helpers import LLAMA
 
 PROBE = r"""

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
-from helpers import CONFIGS, PROMPTS, make_checkpoint
 
 import zinfer
+from helpers import CONFIGS, PROMPTS, make_checkpoint
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.offload.nvme import OffloadDirError

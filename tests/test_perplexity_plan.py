@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
-from helpers import make_checkpoint, save_word_tokenizer
 
 import zinfer
+from helpers import make_checkpoint, save_word_tokenizer
 from zinfer.cli import main
 from zinfer.perplexity import SAMPLE_TEXT, perplexity
 

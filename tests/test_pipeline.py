@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_checkpoint, save_word_tokenizer
 
 import zinfer
+from helpers import make_checkpoint, save_word_tokenizer
 from zinfer.bench import perf
 from zinfer.errors import CheckpointError, InputError, ModelNotFoundError
 from zinfer.pipeline import Performance, Pipeline
