@@ -14,7 +14,7 @@ from tqdm import tqdm
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.offload import store_key, stream
-from zinfer.offload.plan import kv_policy, make_plan
+from zinfer.offload.plan import make_plan
 from zinfer.quant import QuantSpec
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
@@ -110,8 +110,7 @@ class LLM:
         if streaming:
             key = store_key(self.model, self.source.name, self.dtype, self.options)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
-        kv = kv_policy(self.options, self.device, self.plan)
-        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile)
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
 
