@@ -4,7 +4,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,9 @@ from tqdm import tqdm
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.offload import store_key, stream
-from zinfer.offload.plan import make_plan
+from zinfer.offload.plan import kv_policy, make_plan
+from zinfer.parallel import setup as setup_tensor_parallel
+from zinfer.parallel.group import rank_device
 from zinfer.quant import QuantSpec
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
@@ -89,11 +91,16 @@ class LLM:
             raise InputError(f"not implemented yet in this version: {', '.join(missing)} "
                              "(see README: Not supported yet)")
         self.device = resolve_device(device)
+        if self.options.tp > 1:
+            self._check_tp()
+            self.device = rank_device(self.device)
+        # tp > 1: one process per rank (torchrun); torch.distributed is initialised here if it is not yet
+        self.tp = setup_tensor_parallel(self.options.tp, self.device)
         self.source = resolve(model)
         self.config = self.source.config
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         self.seed = seed
-        empty = build_empty(self.config, meta=meta)
+        empty = build_empty(self.config, meta=meta, tp=self.tp)
         self.quant = self._quant_spec()
         if self.quant is not None:
             quantize_shells(empty, self.quant, self.dtype)
@@ -104,15 +111,21 @@ class LLM:
         weights = (iter_dummy(empty, self.dtype, load_device, seed or 0) if dummy else self.source.weights())
         # a bar for a person at a terminal: loading a large checkpoint takes a while; logs stay clean
         weights = tqdm(weights, desc=f"loading {self.source.name}", total=sum(1 for _ in empty.parameters()),
-                       unit=" tensors", disable=not sys.stderr.isatty(), leave=False)
+                       unit=" tensors", disable=not (sys.stderr.isatty() and self.tp.is_main), leave=False)
         self.model = load_weights(empty, weights, load_device, self.dtype)
         self.streamer = None
         if streaming:
             key = store_key(self.model, self.source.name, self.dtype, self.options)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
-        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile)
+        kv = kv_policy(self.options, self.device, self.plan)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv)
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
+
+    def _check_tp(self) -> None:
+        if self.options.offload != "none":
+            raise InputError(f"tp={self.options.tp} with offload={self.options.offload!r} is not supported yet: "
+                             "tensor parallelism keeps each rank's weights on its device; drop one of them")
 
     def _quant_spec(self) -> QuantSpec | None:
         """From quant_bits/quant_group_size, or the spec saved beside a quantized checkpoint."""
@@ -132,6 +145,9 @@ class LLM:
         """Write the (quantized) weights as a Hugging Face-style directory that loads without re-quantizing."""
         if self.streamer is not None:
             raise InputError("save() needs every weight in memory: load without offload, then save")
+        if self.tp.size > 1:
+            raise InputError(f"save() with tp={self.tp.size} would write one rank's shard of each weight: "
+                             "load with tp=1 to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
@@ -194,6 +210,9 @@ class LLM:
 
     def _steps(self, prompts, params):
         params = params or SamplingParams()
+        if self.tp.size > 1 and not params.greedy and params.seed is None:
+            # every rank must sample the same tokens: draw one seed on rank 0 and share it
+            params = replace(params, seed=self.tp.broadcast_object(torch.seed() % 2**63))
         ids = self.encode(prompts)
         self.last_timings = Timings()
         return ids, params, self.engine.run(ids, params, self.eos_token_ids, self.pad_token_id,
@@ -217,6 +236,8 @@ class LLM:
         seqs = []
         for seqs, _ in steps:  # noqa: B007 - the last step's sequences are the result
             pass
+        if self.tp.size > 1:  # identical logits on every rank make identical tokens; check it once a request
+            self.tp.check_agree([s.tokens for s in seqs], "the generated tokens")
         return [self._finish(s, params) for s in seqs]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:

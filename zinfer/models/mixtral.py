@@ -5,6 +5,7 @@ from torch import nn
 from zinfer.layers.moe import SparseMoE
 from zinfer.layers.norm import RMSNorm
 from zinfer.models.llama import LlamaAttention, LlamaForCausalLM
+from zinfer.parallel import current_tp, divide
 
 
 class MixtralDecoderLayer(nn.Module):
@@ -13,7 +14,9 @@ class MixtralDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.block_sparse_moe = SparseMoE(config.hidden_size, config.intermediate_size,
+        # tensor parallelism inside every expert: each rank holds a slice of every expert's hidden units
+        ffn = divide(config.intermediate_size, current_tp().size, "intermediate_size")
+        self.block_sparse_moe = SparseMoE(config.hidden_size, ffn,
                                           config.num_local_experts, config.num_experts_per_tok,
                                           config.hidden_act)
 

@@ -6,6 +6,7 @@ from zinfer.layers.attention import AttentionInputs, CachedAttention
 from zinfer.layers.linear import Embedding, Linear, activation
 from zinfer.layers.norm import LayerNorm
 from zinfer.models.base import CausalLM
+from zinfer.parallel import current_tp, divide
 
 POSITION_OFFSET = 2  # OPT's learned position table starts two rows in (a fairseq legacy)
 
@@ -14,9 +15,11 @@ class OPTAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         d, bias = config.hidden_size, getattr(config, "enable_bias", True)
-        self.num_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
-        self.q_proj, self.k_proj = Linear(d, d, bias=bias), Linear(d, d, bias=bias)
-        self.v_proj, self.out_proj = Linear(d, d, bias=bias), Linear(d, d, bias=bias)
+        self.total_num_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
+        self.num_heads = divide(self.total_num_heads, current_tp().size, "attention heads")  # this rank's
+        inner = self.num_heads * self.head_dim
+        self.q_proj, self.k_proj = Linear(d, inner, bias=bias), Linear(d, inner, bias=bias)
+        self.v_proj, self.out_proj = Linear(d, inner, bias=bias), Linear(inner, d, bias=bias)
         self.attn = CachedAttention(layer_idx, self.num_heads, self.num_heads, self.head_dim)
 
     def forward(self, x, cache, inp: AttentionInputs):
@@ -34,7 +37,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = LayerNorm(d, affine=affine)
-        self.fc1, self.fc2 = Linear(d, config.ffn_dim, bias=bias), Linear(config.ffn_dim, d, bias=bias)
+        ffn = divide(config.ffn_dim, current_tp().size, "ffn_dim")  # this rank's hidden units
+        self.fc1, self.fc2 = Linear(d, ffn, bias=bias), Linear(ffn, d, bias=bias)
         self.final_layer_norm = LayerNorm(d, affine=affine)
         self.act = activation(config.activation_function)
 
@@ -83,7 +87,7 @@ class OPTForCausalLM(CausalLM):
         if getattr(config, "tie_word_embeddings", True):
             self.tied_weights = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_attention_heads
+        self.num_kv_heads = divide(config.num_attention_heads, current_tp().size, "attention heads")
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.max_positions = config.max_position_embeddings
 

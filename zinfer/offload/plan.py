@@ -6,6 +6,7 @@ fails here with the numbers.
 """
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
+from zinfer.kv import cache_len
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +141,208 @@ def make_plan(model: nn.Module, options: EngineConfig, device: torch.device, dty
         raise InputError(f"cpu_memory={options.cpu_memory / 2**30:.2f} GiB cannot hold the "
                          f"{streamed / 2**30:.2f} GiB of offloaded layers; raise it or use offload='nvme'")
     return Plan(tuple(units), str(device), budget, 2 * biggest, tuple(notes))
+
+
+# --- the KV cache: where it lives, where decode attention over it runs, how large a batch fits -------------
+
+NOMINAL_HOST_MEMORY = 50e9  # bytes/s a CPU streams from DRAM: attention on the CPU is bound by it
+NOMINAL_CPU_FLOPS = 200e9  # fp32 FLOP/s of a server CPU's cores together
+HOST_ROUND_TRIP = 30e-6  # s per layer for CPU attention: a device sync plus two small copies
+HOST_RESERVE = 4 << 30  # host bytes left for everything but the cache when sizing batches
+GPU_FILL, HOST_FILL = 0.95, 0.9  # fractions of free memory a cache may take (the runtime checks the same)
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """The rates the KV cost model needs; `source` says whether they were measured."""
+
+    pcie: float = NOMINAL_PCIE  # pinned host -> device bytes/s
+    host_memory: float = NOMINAL_HOST_MEMORY  # host DRAM bytes/s (read + write counted, as ceilings measure)
+    cpu_flops: float = NOMINAL_CPU_FLOPS
+    source: str = "nominal"
+
+
+def cached_bandwidths(device: torch.device) -> Bandwidths:
+    """Ceilings measured earlier on this machine (`zinfer bench` caches them); nominal where absent.
+    Never measures: this runs when a model loads."""
+    from zinfer.bench.ceilings import _load, cache_path
+
+    cpu = _load(cache_path("cpu")) or {}
+    gpu = (_load(cache_path(device)) or {}) if device.type == "cuda" else {}
+    found = {"pcie": gpu.get("h2d_pinned_bytes_per_s"), "host_memory": cpu.get("device_copy_bytes_per_s"),
+             "cpu_flops": cpu.get("matmul_flops_per_s")}
+    known = {k: v for k, v in found.items() if v}
+    source = "measured" if len(known) == len(found) else "partly measured" if known else "nominal"
+    return Bandwidths(**known, source=source)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What the KV cost model and the batch sizing need to know about a model."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    ffn: int
+    vocab: int
+    itemsize: int  # bytes per cached element
+
+    @property
+    def token_bytes(self) -> int:
+        """Keys and values of one token over all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+
+    def prefill_bytes(self, prompt_len: int) -> int:
+        """Rough peak activations of one sequence's prefill in one layer: residual, q/k/v, attention output,
+        the MLP's (gate and) up projection, plus the last position's fp32 logits."""
+        kv = 2 * self.kv_heads * self.head_dim
+        return prompt_len * (4 * self.hidden + kv + 2 * self.ffn) * self.itemsize + 4 * self.vocab
+
+
+def kv_shape(model: nn.Module, dtype: torch.dtype) -> KVShape:
+    config = model.config
+    # per rank: model.num_kv_heads is this rank's share under tensor parallelism; query heads follow the group
+    group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    heads = model.num_kv_heads * group
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
+    return KVShape(model.num_layers, heads, model.num_kv_heads, model.head_dim, config.hidden_size, ffn,
+                   config.vocab_size, dtype.itemsize)
+
+
+@dataclass(frozen=True)
+class KVChoice:
+    """Where decode attention over an offloaded cache runs, the two estimated step times, and why."""
+
+    method: str  # gpu | cpu
+    gpu_s: float  # estimated decode step with the cache prefetched to the GPU
+    cpu_s: float  # ... with attention on the CPU
+    reason: str
+
+    def __str__(self) -> str:
+        return f"decode attention on {self.method}: {self.reason}"
+
+
+def kv_attention_costs(shape: KVShape, batch: int, length: int, bw: Bandwidths,
+                       streamed_bytes: int = 0) -> tuple[float, float]:
+    """(gpu, cpu) seconds of one decode step over an offloaded cache holding `length` tokens a row.
+
+    gpu: every layer's keys and values cross PCIe, 2·B·n·H_kv·D elements, sharing the link with the weights
+    streamed per step. cpu: q, k, v and the output (~B·(2·H + 2·H_kv)·D) cross PCIe; the CPU does 4·B·H·n·D
+    FLOPs (scores and weighted sum) and reads the cache from DRAM, upcasting half precision to fp32 (read 2,
+    write 4, read 4 bytes an element); the GPU waits on each layer, the weight stream overlaps.
+    """
+    elements = 2 * batch * length * shape.kv_heads * shape.head_dim  # keys and values of one layer
+    gpu_s = (streamed_bytes + shape.layers * elements * shape.itemsize) / bw.pcie
+    touched = shape.itemsize + (8 if shape.itemsize < 4 else 0)
+    flops = 4 * batch * shape.heads * length * shape.head_dim
+    per_layer = max(flops / bw.cpu_flops, elements * touched / bw.host_memory) + HOST_ROUND_TRIP
+    cpu_s = max(streamed_bytes / bw.pcie, shape.layers * per_layer)
+    return gpu_s, cpu_s
+
+
+def pick_kv_attention(shape: KVShape, batch: int, length: int, bw: Bandwidths, forced: str = "auto",
+                      streamed_bytes: int = 0) -> KVChoice:
+    """The cheaper of the two (ties go to the GPU), unless `forced` names one."""
+    gpu_s, cpu_s = kv_attention_costs(shape, batch, length, bw, streamed_bytes)
+    kv_gib = 2 * shape.layers * batch * length * shape.kv_heads * shape.head_dim * shape.itemsize / 2**30
+    costs = (f"{gpu_s * 1e3:.1f} ms/step on gpu (moves {kv_gib:.2f} GiB of KV over PCIe at {bw.pcie / 1e9:.0f} "
+             f"GB/s) vs {cpu_s * 1e3:.1f} ms/step on cpu (at {bw.cpu_flops / 1e9:.0f} GFLOP/s, "
+             f"{bw.host_memory / 1e9:.0f} GB/s host memory); batch {batch}, {length} tokens, {bw.source} rates")
+    if forced in ("gpu", "cpu"):
+        return KVChoice(forced, gpu_s, cpu_s, f"kv_attention={forced!r} asked for; estimated {costs}")
+    return KVChoice("gpu" if gpu_s <= cpu_s else "cpu", gpu_s, cpu_s, f"auto: {costs}")
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """The KV options and the rates the runtime picks the attention method with, once per batch shape."""
+
+    offload: bool = False
+    pin: bool = False
+    async_writes: bool = False
+    attention: str = "auto"  # auto | gpu | cpu
+    bandwidths: Bandwidths = Bandwidths()
+    streamed_bytes: int = 0  # weight bytes crossing PCIe per decode step (the gpu method shares the link)
+
+    def pick(self, shape: KVShape, batch: int, length: int) -> KVChoice:
+        return pick_kv_attention(shape, batch, length, self.bandwidths, self.attention, self.streamed_bytes)
+
+    def describe(self) -> str:
+        if not self.offload:
+            return "KV cache: on the compute device"
+        pinned = "pinned " if self.pin else ""
+        writes = "async device-to-host writes on a side stream" if self.async_writes else "synchronous writes"
+        return f"KV cache: offloaded to {pinned}CPU memory, {writes}; decode attention: {self.attention}"
+
+
+def kv_policy(options: EngineConfig, device: torch.device, plan: Plan | None = None,
+              bandwidths: Bandwidths | None = None) -> KVPolicy:
+    if not options.kv_offload:
+        return KVPolicy()
+    streamed = sum(u.nbytes for u in plan.streamed) if plan is not None and device.type == "cuda" else 0
+    return KVPolicy(True, options.pin_kv_cache, options.async_kv_offload, options.kv_attention,
+                    bandwidths or cached_bandwidths(device), streamed)
+
+
+def _fit(free: int, per_seq: int, fill: float) -> int:
+    return max(0, int(free * fill) // per_seq) if per_seq > 0 else 0
+
+
+def max_batch(model: nn.Module, dtype: torch.dtype, seq_len: int, free_gpu_bytes: int, free_host_bytes: int,
+              kv_offload: bool, kv_attention: str = "gpu", prompt_len: int | None = None) -> int:
+    """The largest batch whose KV cache (sequences of `seq_len` = prompt + new tokens) fits.
+
+    free_gpu_bytes: GPU memory left after weights, streaming buffers and workspaces; free_host_bytes: host
+    memory available. On the GPU each sequence takes its cache plus its prefill activations and decode
+    state; offloaded, its cache takes host memory, and the GPU holds the activations plus, for
+    kv_attention="gpu" ("auto" is sized like "gpu", the larger), the double buffer of one layer's keys/values.
+    """
+    shape = kv_shape(model, dtype)
+    t = cache_len(seq_len, kv_offload)
+    cache = shape.token_bytes * t
+    gpu_per_seq = shape.prefill_bytes(prompt_len or seq_len) + 9 * t  # + key mask (1 B) and positions (8 B)
+    if not kv_offload:
+        return _fit(free_gpu_bytes, cache + gpu_per_seq, GPU_FILL)
+    if kv_attention != "cpu":
+        gpu_per_seq += 2 * cache // shape.layers
+    host = _fit(max(0, free_host_bytes - HOST_RESERVE), cache, HOST_FILL)
+    return min(host, _fit(free_gpu_bytes, gpu_per_seq, GPU_FILL))
+
+
+def free_host_bytes() -> int:
+    """Host memory available to allocate now (MemAvailable: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError as err:
+        log.warning(f"cannot read /proc/meminfo ({err}); using free physical pages")
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_plan_text(model: nn.Module, dtype: torch.dtype, options: EngineConfig, prompt_len: int, gen_len: int,
+                 free_gpu_bytes: int, free_host_bytes: int, batch: int | None = None,
+                 bandwidths: Bandwidths | None = None, streamed_bytes: int = 0) -> str:
+    """What `zinfer plan` prints about the KV cache: placement, the attention method it would pick for
+    `batch`, and the largest batch that fits each way."""
+    seq = prompt_len + gen_len
+    bw = bandwidths or Bandwidths()
+    policy = KVPolicy(options.kv_offload, options.pin_kv_cache, options.async_kv_offload, options.kv_attention,
+                      bw, streamed_bytes)
+    lines = [policy.describe()]
+    shape = kv_shape(model, dtype)
+    on_gpu = max_batch(model, dtype, seq, free_gpu_bytes, free_host_bytes, False, prompt_len=prompt_len)
+    method = options.kv_attention
+    if options.kv_offload and batch:
+        choice = policy.pick(shape, batch, prompt_len + gen_len // 2)
+        method = choice.method
+        lines.append(f"  batch {batch} x {seq} tokens: {batch * shape.token_bytes * seq / 2**30:.2f} GiB; {choice}")
+    offloaded = max_batch(model, dtype, seq, free_gpu_bytes, free_host_bytes, True, method, prompt_len)
+    lines.append(f"largest batch for {prompt_len}+{gen_len} tokens: {on_gpu} with the KV cache on the GPU "
+                 f"({free_gpu_bytes / 2**30:.1f} GiB free after weights), {offloaded} offloaded "
+                 f"({free_host_bytes / 2**30:.1f} GiB host memory free, attention on "
+                 f"{'gpu' if method == 'auto' else method})")
+    return "\n".join(lines)

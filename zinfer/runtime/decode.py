@@ -10,20 +10,27 @@ import time
 import torch
 
 from zinfer.errors import InputError
+from zinfer.kv import DEVICE_BUCKET, cache_len
 from zinfer.kv.cache import KVCache
 from zinfer.models.base import CausalLM
+from zinfer.offload import plan
 from zinfer.runtime.batch import PaddedBatch
 
-LENGTH_BUCKET = 128  # cache lengths round up to this, so nearby requests reuse one graph
+LENGTH_BUCKET = DEVICE_BUCKET  # cache lengths round up to this, so nearby requests reuse one graph
 
 
 def bucket_len(n: int) -> int:
-    return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
+    return cache_len(n)
 
 
 class DecodeState:
+    """`cache`: a prebuilt cache (an offloaded one); None allocates a `KVCache` on `device`. An offloaded cache
+    copies and reads host ints inside the step, so that step always runs eagerly: no graph, no compile."""
+
     def __init__(self, model: CausalLM, batch_size: int, max_len: int, dtype, device, use_graph: bool,
-                 fuse: bool = False):
+                 fuse: bool = False, cache=None):
+        if cache is not None and cache.offloaded:
+            use_graph = fuse = False
         self.model, self.use_graph = model, use_graph
         # torch.compile fuses the small element-wise kernels (norms, rotary, masks) between the matmuls;
         # the compiled step is then captured in our own graph, like the eager one
@@ -31,8 +38,8 @@ class DecodeState:
         self.forward = (torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
                         if fuse else self._forward)
         self.key = (batch_size, max_len)
-        self.cache = KVCache(model.num_layers, batch_size, model.num_kv_heads, model.head_dim, max_len, dtype,
-                             device)
+        self.cache = cache if cache is not None else KVCache(model.num_layers, batch_size, model.num_kv_heads,
+                                                             model.head_dim, max_len, dtype, device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -56,6 +63,7 @@ class DecodeState:
         """Logits [B, V] for `tokens` [B] written at cache slot `slot`."""
         self.tokens.copy_(tokens[:, None])
         self.slot.fill_(slot)
+        self.cache.begin_step(slot)
         if not self.use_graph:
             return self.forward()
         if self.graph is None:
@@ -78,14 +86,25 @@ class DecodeState:
         self.capture_seconds = time.perf_counter() - start
 
 
-def check_fits(model: CausalLM, batch_size: int, max_len: int, dtype, device, releasable: int = 0) -> None:
-    """Refuse a KV cache that cannot fit in free GPU memory, with the numbers, before allocating it."""
+def check_fits(model: CausalLM, batch_size: int, max_len: int, dtype, device, releasable: int = 0,
+               layers: int | None = None) -> None:
+    """Refuse a KV cache that cannot fit in free GPU memory, with the numbers, before allocating it.
+    `layers`: how many layers' keys/values the GPU holds (None: all; 2 for an offloaded cache's double buffer)."""
     if torch.device(device).type != "cuda":
         return
-    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.finfo(dtype).bits // 8
+    per_token = 2 * (layers or model.num_layers) * model.num_kv_heads * model.head_dim * torch.finfo(dtype).bits // 8
     need = per_token * batch_size * max_len
     free = torch.cuda.mem_get_info(device)[0] + releasable
+    what = "the KV prefetch buffers" if layers else "the KV cache"
     if need > 0.95 * free:
-        raise InputError(f"the KV cache for batch {batch_size} x {max_len} tokens needs {need / 2**30:.2f} GiB "
+        raise InputError(f"{what} for batch {batch_size} x {max_len} tokens needs {need / 2**30:.2f} GiB "
                          f"but {free / 2**30:.2f} GiB of GPU memory is free; lower the batch size or "
                          "max_new_tokens")
+
+
+def check_host_fits(nbytes: int, releasable: int = 0) -> None:
+    """Refuse an offloaded KV cache larger than the host memory available, with the numbers."""
+    free = plan.free_host_bytes() + releasable
+    if nbytes > plan.HOST_FILL * free:
+        raise InputError(f"the offloaded KV cache needs {nbytes / 2**30:.2f} GiB of host memory but "
+                         f"{free / 2**30:.2f} GiB is available; lower the batch size or max_new_tokens")

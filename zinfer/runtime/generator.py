@@ -3,6 +3,7 @@
 Sampling stays on the device; the host sees each step's tokens to decide stopping.
 """
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,11 +11,16 @@ from dataclasses import dataclass, field
 import torch
 
 from zinfer.errors import InputError
+from zinfer.kv import cache_len
 from zinfer.kv.cache import KVCache
+from zinfer.kv.offloaded import offloaded_cache
 from zinfer.models.base import CausalLM
+from zinfer.offload.plan import KVChoice, KVPolicy, kv_shape
 from zinfer.runtime.batch import PaddedBatch
-from zinfer.runtime.decode import DecodeState, bucket_len, check_fits
+from zinfer.runtime.decode import DecodeState, check_fits, check_host_fits
 from zinfer.runtime.sampling import SamplingParams, next_tokens
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,16 +51,20 @@ def sync(device: torch.device) -> None:
 
 class Generator:
     """Runs prompts through a model. `compile` (None = auto: on CUDA only) compiles the decode step with
-    torch.compile; on CUDA the step is also replayed as a CUDA graph."""
+    torch.compile; on CUDA the step is also replayed as a CUDA graph. `kv`: where the KV cache lives (None: on
+    the device); an offloaded cache runs the step eagerly."""
 
-    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool | None = None):
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool | None = None,
+                 kv: KVPolicy | None = None):
         self.model, self.device, self.dtype = model, device, dtype
+        self.kv = kv or KVPolicy()
         cuda = device.type == "cuda"
-        self.use_graph = cuda and compile is not False
+        self.use_graph = cuda and compile is not False and not self.kv.offload
         # MoE routing picks experts on the host in eager mode, which torch.compile cannot trace
         wanted = cuda if compile is None else compile
-        self.fuse = wanted and getattr(model, "compilable", True)
+        self.fuse = wanted and getattr(model, "compilable", True) and not self.kv.offload
         self.state: DecodeState | None = None
+        self.kv_choice: KVChoice | None = None  # the decode attention method picked for the current bucket
 
     def check_prompts(self, prompts: list[list[int]]) -> None:
         if not prompts:
@@ -70,18 +80,44 @@ class Generator:
         m = self.model
         return KVCache(m.num_layers, batch_size, m.num_kv_heads, m.head_dim, max_len, self.dtype, self.device)
 
-    def decode_state(self, batch_size: int, max_len: int) -> DecodeState:
-        """The static buffers (and graph) for this bucket; the previous bucket's are released first."""
-        key = (batch_size, bucket_len(max_len))
+    def decode_state(self, batch_size: int, max_len: int, mean_len: int | None = None) -> DecodeState:
+        """The static buffers (and graph) for this bucket; the previous bucket's are released first.
+        `mean_len`: the average cached length over the request, for the offloaded cache's cost model."""
+        key = (batch_size, cache_len(max_len, self.kv.offload))
         if self.state is None or self.state.key != key:
-            old = self.state.cache.nbytes if self.state is not None else 0
-            check_fits(self.model, *key, self.dtype, self.device, releasable=old)
-            self.state = None
-            self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph, self.fuse)
+            old = self.state.cache if self.state is not None else None
+            if self.kv.offload:
+                self.kv_choice = self._check_offloaded(*key, mean_len or max_len, old)
+            else:
+                check_fits(self.model, *key, self.dtype, self.device, releasable=old.device_bytes if old else 0)
+            if self.state is not None:  # the state sits in a reference cycle (its bound forward): free the cache now
+                self.state.cache = None
+            self.state = old = None
+            cache = self._offloaded_cache(*key) if self.kv.offload else None
+            self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph, self.fuse, cache)
         return self.state
+
+    def _check_offloaded(self, batch_size: int, max_len: int, mean_len: int, old) -> KVChoice:
+        """Pick the decode attention method for this batch shape (logged), and check both memories."""
+        m = self.model
+        choice = self.kv.pick(kv_shape(m, self.dtype), batch_size, mean_len)
+        if choice.method == "gpu":  # the double buffer holds one layer's keys and values, twice
+            check_fits(m, batch_size, max_len, self.dtype, self.device, releasable=old.device_bytes if old else 0,
+                       layers=2)
+        host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        check_host_fits(host, releasable=old.host_bytes if old else 0)
+        log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
+        return choice
+
+    def _offloaded_cache(self, batch_size: int, max_len: int):
+        m = self.model
+        return offloaded_cache(self.kv_choice.method, m.num_layers, batch_size, m.num_kv_heads, m.head_dim, max_len,
+                               self.dtype, self.device, pin=self.kv.pin, async_writes=self.kv.async_writes)
 
     def release(self) -> None:
         """Free the KV cache and captured graph (the hybrid engine calls this before training)."""
+        if self.state is not None:  # the state sits in a reference cycle: drop the cache without waiting for gc
+            self.state.cache = None
         self.state = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -94,7 +130,7 @@ class Generator:
         p = max(len(x) for x in prompts)
         # the last generated token is never fed back, so it needs no position of its own
         new = min(params.max_new_tokens, self.model.max_positions - p + 1)
-        state = self.decode_state(len(prompts), p + new)
+        state = self.decode_state(len(prompts), p + new, p + new // 2)
         batch = state.load(PaddedBatch.from_prompts(prompts, pad_id, state.key[1], self.device))
         seqs = [Sequence(list(x)) for x in prompts]
         gen = None

@@ -22,7 +22,14 @@ def dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, device, seed:
 
 
 def iter_dummy(model: nn.Module, dtype: torch.dtype, device, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """A dense tensor for every parameter; quantized Linears get their dense `weight` (quantized on load)."""
+    """A dense tensor for every parameter; quantized Linears get their dense `weight` (quantized on load).
+    A tensor-parallel rank gets every tensor whole, as one process would, and the loader cuts its block: so
+    tp=N dummy weights equal tp=1 ones with the same seed."""
+    shards = getattr(model, "shard_plan", None)
+    if shards is not None:
+        for name, shape in shards.full_shapes.items():
+            yield name, dummy_tensor(name, shape, dtype, device, seed)
+        return
     packed = {}
     for path, m in model.named_modules():
         if getattr(m, "qspec", None) is not None and hasattr(m, "out_features"):

@@ -13,16 +13,24 @@ from zinfer.errors import CheckpointError
 from zinfer.layers.linear import Linear, MergedLinears
 from zinfer.models import model_class
 from zinfer.models.base import CausalLM
+from zinfer.parallel import SINGLE, TensorParallel, building
+from zinfer.parallel.shard import ShardPlan, check_packed_split, plan
 from zinfer.quant import QuantSpec
 
 log = logging.getLogger(__name__)
 
 
-def build_empty(config, meta: bool = True) -> CausalLM:
-    """The model with unmaterialised parameters (`meta`) or uninitialised CPU ones."""
+def build_empty(config, meta: bool = True, tp: TensorParallel = SINGLE) -> CausalLM:
+    """The model with unmaterialised parameters (`meta`) or uninitialised CPU ones. Under tensor parallelism
+    (`tp.size > 1`) it holds this rank's part of every split layer, and `model.shard_plan` says how to cut
+    each checkpoint tensor to it."""
     cls = model_class(config.model_type)
-    with torch.device("meta" if meta else "cpu"):
-        return cls(config)
+    with torch.device("meta" if meta else "cpu"), building(tp):
+        model = cls(config)
+    if tp.size > 1:
+        with torch.device("meta"):
+            model.shard_plan = plan(model, cls(config), tp)  # the whole model for one process: full shapes
+    return model
 
 
 def _match(name: str, params: Collection[str], prefixes: tuple[str, ...]) -> str | None:
@@ -42,6 +50,11 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(owner, attr, nn.Parameter(value, requires_grad=False))
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    # a rank's block of a whole tensor may still view the whole one's memory: keep only the block
+    return t.clone() if t.untyped_storage().nbytes() > t.nbytes else t
+
+
 def quantize_shells(model: CausalLM, spec: QuantSpec, dtype) -> None:
     """Make every quantizable Linear of the decoder layers packed (still empty): embeddings, LM head,
     norms and MoE routers stay dense. Call before planning (sizes) and loading."""
@@ -55,12 +68,18 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
     """Materialise every parameter of `model` from `weights` on `device` in `dtype`; check names and shapes.
 
     Quantized Linears (see `quantize_shells`) take either their packed tensors from a quantized checkpoint
-    or a dense `weight`, quantized as it is read: one layer's dense copy at a time, never the model's."""
+    or a dense `weight`, quantized as it is read: one layer's dense copy at a time, never the model's.
+    Under tensor parallelism each whole tensor is cut to this rank's block as it is read (`shard_plan`): the
+    rank keeps its block and the whole tensor is freed before the next one is read."""
+    shards: ShardPlan | None = getattr(model, "shard_plan", None)
     for group in merged_groups(model):
         group.allocate(device, dtype)
     params = dict(model.named_parameters())
     dense_for_packed = {f"{path}.weight": m for path, m in model.named_modules()
                         if isinstance(m, Linear) and m.qspec is not None}
+    # row-parallel quantized Linears: packed checkpoint tensors must split at whole groups
+    packed_rows = {f"{path}.{n}": m for path, m in model.named_modules()
+                   if isinstance(m, Linear) and m.qspec is not None and m.tp is not None for n in MergedLinears.PACKED}
     tied = set(model.tied_weights)
     loaded, unexpected = set(), []
     names = params.keys() | dense_for_packed.keys()
@@ -72,6 +91,8 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
             continue
         if target in dense_for_packed:
             lin = dense_for_packed[target]
+            if shards is not None:
+                tensor = shards.shard(target, tensor, torch.Size((lin.out_features, lin.in_features)))
             if tensor.shape != (lin.out_features, lin.in_features):
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                                       f"{(lin.out_features, lin.in_features)}")
@@ -79,6 +100,10 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
             loaded.update(prefix + n for n in lin.load_weight(tensor, device, dtype))
             continue
         expected = params[target].shape
+        if shards is not None:
+            if target in packed_rows:
+                check_packed_split(target, packed_rows[target])
+            tensor = shards.shard(target, tensor, expected)
         if tensor.shape != expected:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected)}")
@@ -87,7 +112,8 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
         if not param.is_meta and param.dtype == want and param.device.type == torch.device(device).type:
             param.data.copy_(tensor)  # preallocated in place (fused q/k/v, gate/up)
         else:
-            _assign(model, target, tensor.to(device=device, dtype=want).contiguous())
+            value = tensor.to(device=device, dtype=want).contiguous()
+            _assign(model, target, value if shards is None else _owned(value))
         loaded.add(target)
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing:

@@ -1,0 +1,317 @@
+"""KV cache offload: tokens equal to the device-resident cache for both decode attention methods, with weights
+in memory, on NVMe or quantized; the planner's method choice and batch sizing; option errors. On the CPU the
+"device" is the CPU too: the host cache is a separate set of tensors and the same functions run without events.
+GPU tests (`-m gpu`) check pinned/async copies and streamed weights against the GPU-resident cache."""
+
+import logging
+
+import pytest
+import torch
+
+import zinfer
+from helpers import CONFIGS, PROMPTS, make_checkpoint
+from zinfer.config import EngineConfig
+from zinfer.errors import InputError
+from zinfer.kv import cache_len
+from zinfer.kv.host import HostArrays
+from zinfer.kv.offloaded import HostAttentionKVCache, OffloadedKVCache, PrefetchKVCache, offloaded_cache
+from zinfer.offload.plan import (
+    Bandwidths,
+    KVPolicy,
+    KVShape,
+    kv_attention_costs,
+    kv_plan_text,
+    kv_shape,
+    max_batch,
+    pick_kv_attention,
+)
+from zinfer.runtime import decode
+from zinfer.runtime.decode import DecodeState
+from zinfer.runtime.generator import Generator
+from zinfer.weights.loader import build_empty
+from zinfer.weights.source import resolve
+
+PARAMS = zinfer.SamplingParams(max_new_tokens=6, ignore_eos=True)
+METHODS = ("gpu", "cpu")
+# parameter ids must not be "gpu": conftest skips every test with a "gpu" keyword on a machine without CUDA
+ON = dict(ids=["attend-on-device", "attend-on-host"])
+GiB = 2**30
+
+
+def tokens(llm, prompts=PROMPTS, params=PARAMS):
+    return [c.token_ids for c in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def ckpt(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    make_checkpoint(request.param, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama-gqa")
+    make_checkpoint("llama-gqa-tied", directory)
+    return directory
+
+
+# --- tokens equal to the device-resident cache ------------------------------------------------------------
+
+def test_every_family_same_tokens_offloaded(ckpt):
+    expected = tokens(zinfer.LLM(str(ckpt), device="cpu"))
+    for method in METHODS:
+        llm = zinfer.LLM(str(ckpt), device="cpu", kv_offload=True, kv_attention=method)
+        assert tokens(llm) == expected, method
+        cache = llm.engine.state.cache
+        assert isinstance(cache, OffloadedKVCache) and cache.method == method and cache.host_bytes > 0
+        assert llm.engine.kv_choice.method == method
+
+
+@pytest.mark.parametrize("method", METHODS, **ON)
+def test_only_written_rows_are_read(llama, method, monkeypatch):
+    """Host rows are never initialised: fill them with NaN, and the tokens must not notice."""
+    expected = tokens(zinfer.LLM(str(llama), device="cpu"))
+    init = OffloadedKVCache.__init__
+
+    def poisoned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for arrays in (self.keys, self.values):
+            for t in arrays:
+                t.fill_(float("nan"))
+
+    monkeypatch.setattr(OffloadedKVCache, "__init__", poisoned)
+    assert tokens(zinfer.LLM(str(llama), device="cpu", kv_offload=True, kv_attention=method)) == expected
+
+
+@pytest.mark.parametrize("method", METHODS, **ON)
+def test_reused_cache_one_token_prompts_and_window(llama, method):
+    """A second request on the same cache (stale prefetches dropped), one-token prompts (a prefill that goes
+    through attend), and a sliding window (the mask decides, the cache does not)."""
+    ref = zinfer.LLM(str(llama), device="cpu")
+    llm = zinfer.LLM(str(llama), device="cpu", kv_offload=True, kv_attention=method)
+    other = [[9, 8, 7, 6], [40, 41, 42, 43, 44, 45, 46], [100]]
+    assert tokens(llm) == tokens(ref)
+    cache = llm.engine.state.cache
+    assert tokens(llm, other) == tokens(ref, other)
+    assert llm.engine.state.cache is cache  # same bucket: the host cache was reused
+    assert tokens(llm, [[5]]) == tokens(ref, [[5]])
+    # the last step of a 7-token prompt + 3 tokens prefetches layer 0's rows [0, 9) for a next step; a 9-token
+    # prompt in the same bucket starts decoding at slot 9: that prefetch is stale and must not be used
+    three = zinfer.SamplingParams(max_new_tokens=3, ignore_eos=True)
+    nine = [[11, 12, 13, 14, 15, 16, 17, 18, 19]] * 3
+    assert tokens(llm, params=three) == tokens(ref, params=three)
+    cache = llm.engine.state.cache
+    assert tokens(llm, nine, three) == tokens(ref, nine, three) and llm.engine.state.cache is cache
+    ref.model.sliding_window = llm.model.sliding_window = 3
+    assert tokens(llm) == tokens(ref)
+
+
+@pytest.mark.parametrize("method", METHODS, **ON)
+def test_nvme_streamed_weights_with_offloaded_cache(llama, method, tmp_path):
+    expected = tokens(zinfer.LLM(str(llama), device="cpu"))
+    llm = zinfer.LLM(str(llama), device="cpu", offload="nvme", offload_dir=str(tmp_path), kv_offload=True,
+                     kv_attention=method)
+    assert llm.streamer is not None
+    assert tokens(llm) == expected
+
+
+@pytest.mark.parametrize("method", METHODS, **ON)
+def test_quantized_weights_with_offloaded_cache(llama, method):
+    expected = tokens(zinfer.LLM(str(llama), device="cpu", quant_bits=4))
+    assert tokens(zinfer.LLM(str(llama), device="cpu", quant_bits=4, kv_offload=True,
+                             kv_attention=method)) == expected
+
+
+def test_auto_pick_is_logged(llama, caplog):
+    llm = zinfer.LLM(str(llama), device="cpu", kv_offload=True)
+    with caplog.at_level(logging.INFO, logger="zinfer.runtime.generator"):
+        tokens(llm)
+    assert llm.engine.kv_choice.reason.startswith("auto: ")
+    assert f"decode attention on {llm.engine.kv_choice.method}: auto: " in caplog.text
+    assert "KV cache: offloaded to CPU memory, synchronous writes" in caplog.text
+
+
+def test_offloaded_cache_never_graph_captured():
+    model = build_empty(CONFIGS["llama"](), meta=False)
+    cache = offloaded_cache("gpu", model.num_layers, 2, model.num_kv_heads, model.head_dim, 16, torch.float32, "cpu")
+    state = DecodeState(model, 2, 16, torch.float32, "cpu", use_graph=True, fuse=True, cache=cache)
+    assert not state.use_graph and state.forward == state._forward and state.cache is cache
+    gen = Generator(model, torch.device("cpu"), torch.float32, compile=True, kv=KVPolicy(offload=True))
+    assert not gen.use_graph and not gen.fuse
+
+
+def test_cache_interface_errors():
+    cache = offloaded_cache("cpu", 1, 1, 1, 4, 16, torch.float32, "cpu")
+    assert isinstance(cache, HostAttentionKVCache)
+    assert isinstance(offloaded_cache("gpu", 1, 1, 1, 4, 16, torch.float32, "cpu"), PrefetchKVCache)
+    k = torch.zeros(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="takes a whole prompt at once .* 2 new keys but kv_len=5"):
+        cache.write(0, k, k, torch.arange(2), 5)
+    one = torch.zeros(1, 1, 1, 4)
+    with pytest.raises(RuntimeError, match=r"needs begin_step\(slot\) first"):
+        cache.attend_decode(0, one, one, one, None, None, None)
+    with pytest.raises(ValueError, match="decode attention over an offloaded cache runs on 'gpu' or 'cpu'; got 'tpu'"):
+        offloaded_cache("tpu", 1, 1, 1, 4, 16, torch.float32, "cpu")
+
+
+# --- the planner: method choice and batch sizing --------------------------------------------------------
+
+SHAPE = KVShape(layers=64, heads=72, kv_heads=72, head_dim=128, hidden=9216, ffn=36864, vocab=50272, itemsize=2)
+
+
+def test_costs_follow_the_formulas():
+    bw = Bandwidths(pcie=25e9, host_memory=100e9, cpu_flops=1e12)
+    gpu_s, cpu_s = kv_attention_costs(SHAPE, batch=8, length=1000, bw=bw)
+    elements = 2 * 8 * 1000 * 72 * 128
+    assert gpu_s == pytest.approx(64 * elements * 2 / 25e9)
+    per_layer = max(4 * 8 * 72 * 1000 * 128 / 1e12, elements * (2 + 8) / 100e9) + 30e-6
+    assert cpu_s == pytest.approx(64 * per_layer)
+    # streamed weights share PCIe with the gpu method; the cpu method overlaps them
+    gpu_w, cpu_w = kv_attention_costs(SHAPE, 8, 1000, bw, streamed_bytes=25 * GiB)
+    assert gpu_w == pytest.approx(gpu_s + 25 * GiB / 25e9)
+    assert cpu_w == pytest.approx(max(cpu_s, 25 * GiB / 25e9))
+
+
+def test_pick_by_bandwidth_batch_and_override():
+    bw = Bandwidths(pcie=25e9, host_memory=200e9, cpu_flops=2e12, source="fake")
+    assert pick_kv_attention(SHAPE, 64, 540, bw).method == "cpu"
+    # tiny batch: the CPU's per-layer round trip outweighs the few bytes the GPU would fetch
+    assert pick_kv_attention(SHAPE, 1, 16, bw).method == "gpu"
+    # fast PCIe, slow host memory: the GPU even at a large batch
+    assert pick_kv_attention(SHAPE, 64, 540, Bandwidths(pcie=100e9, host_memory=20e9, cpu_flops=1e11)).method == "gpu"
+    forced = pick_kv_attention(SHAPE, 64, 540, bw, forced="gpu")
+    assert forced.method == "gpu" and forced.reason.startswith("kv_attention='gpu' asked for")
+    auto = pick_kv_attention(SHAPE, 64, 540, bw)
+    assert str(auto).startswith("decode attention on cpu: auto: ") and "fake rates" in auto.reason
+    assert KVPolicy(True, attention="cpu", bandwidths=bw).pick(SHAPE, 1, 16).method == "cpu"
+
+
+def test_max_batch_each_placement():
+    model = build_empty(resolve("opt-66b").config)
+    shape = kv_shape(model, torch.float16)
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.ffn) == (64, 72, 128, 36864)
+    seq, prompt = 544, 512
+    gpu_free, host_free = 20 * GiB, 200 * GiB
+    per_token = 2 * 64 * 72 * 128 * 2
+    act = shape.prefill_bytes(prompt)
+    t_dev, t_host = cache_len(seq), cache_len(seq, offloaded=True)
+    assert (t_dev, t_host) == (640, 544)
+    on_gpu = max_batch(model, torch.float16, seq, gpu_free, host_free, kv_offload=False, prompt_len=prompt)
+    assert on_gpu == int(0.95 * gpu_free) // (per_token * t_dev + act + 9 * t_dev)
+    cpu = max_batch(model, torch.float16, seq, gpu_free, host_free, True, "cpu", prompt)
+    assert cpu == min(int(0.9 * (host_free - 4 * GiB)) // (per_token * t_host),
+                      int(0.95 * gpu_free) // (act + 9 * t_host))
+    gpu = max_batch(model, torch.float16, seq, gpu_free, host_free, True, "gpu", prompt)
+    assert gpu <= cpu and cpu > on_gpu > 0
+    # a small GPU: the double buffer of one layer's K/V bounds the prefetching method
+    assert max_batch(model, torch.float16, seq, GiB, host_free, True, "gpu", prompt) < \
+        max_batch(model, torch.float16, seq, GiB, host_free, True, "cpu", prompt)
+    assert max_batch(model, torch.float16, seq, 0, host_free, False) == 0
+
+
+def test_plan_text():
+    model = build_empty(resolve("opt-66b").config)
+    options = EngineConfig(offload="cpu", kv_offload=True, pin_kv_cache=True, async_kv_offload=True)
+    text = kv_plan_text(model, torch.float16, options, 512, 32, 20 * GiB, 200 * GiB, batch=32,
+                        bandwidths=Bandwidths(pcie=25e9, host_memory=100e9, cpu_flops=1e12))
+    assert text.splitlines()[0] == ("KV cache: offloaded to pinned CPU memory, async device-to-host writes on a "
+                                    "side stream; decode attention: auto")
+    assert "batch 32 x 544 tokens: " in text and "decode attention on " in text
+    assert "largest batch for 512+32 tokens: " in text and "offloaded (200.0 GiB host memory free" in text
+    plain = kv_plan_text(model, torch.float16, EngineConfig(), 512, 32, 20 * GiB, 200 * GiB)
+    assert plain.startswith("KV cache: on the compute device\nlargest batch")
+
+
+# --- option and memory errors -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (dict(pin_kv_cache=True), "pin_kv_cache=True pins the offloaded KV cache: it needs kv_offload=True"),
+    (dict(async_kv_offload=True), "async_kv_offload=True copies keys/values to the offloaded cache: it needs "
+                                  "kv_offload=True"),
+    (dict(kv_attention="cpu"), "kv_attention='cpu' chooses where attention over an offloaded KV cache runs: "
+                               "it needs kv_offload=True"),
+    (dict(kv_offload=True, kv_attention="tpu"), "kv_attention must be auto, gpu or cpu; got 'tpu'"),
+])
+def test_option_errors(options, message):
+    with pytest.raises(InputError) as err:
+        EngineConfig(**options)
+    assert str(err.value) == message
+
+
+def test_host_memory_refused_with_numbers(llama, monkeypatch):
+    monkeypatch.setattr("zinfer.offload.plan.free_host_bytes", lambda: 1000)
+    llm = zinfer.LLM(str(llama), device="cpu", kv_offload=True)
+    with pytest.raises(InputError, match=r"the offloaded KV cache needs 0.00 GiB of host memory but 0.00 GiB is "
+                                         r"available; lower the batch size or max_new_tokens"):
+        tokens(llm)
+    assert decode.check_host_fits(0) is None
+
+
+# --- on a CUDA device -------------------------------------------------------------------------------------
+
+GPU_CASES = [dict(kv_attention="gpu"), dict(kv_attention="cpu"),
+             dict(kv_attention="gpu", pin_kv_cache=True, async_kv_offload=True),
+             dict(kv_attention="cpu", pin_kv_cache=True, async_kv_offload=True)]
+
+
+@pytest.fixture(scope="module", params=["llama-gqa-tied", "opt", "bloom"])
+def gpu_ckpt(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"gpu-{request.param}")
+    make_checkpoint(request.param, directory)
+    return directory
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_offloaded_equals_resident(gpu_ckpt, case):
+    params = zinfer.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expected = tokens(zinfer.LLM(str(gpu_ckpt), dtype="float32", device="cuda"), params=params)
+    llm = zinfer.LLM(str(gpu_ckpt), dtype="float32", device="cuda", kv_offload=True, **case)
+    assert tokens(llm, params=params) == expected
+    assert tokens(llm, [[7, 8, 9]], params) == tokens(zinfer.LLM(str(gpu_ckpt), dtype="float32", device="cuda"),
+                                                      [[7, 8, 9]], params)
+    state = llm.engine.state
+    assert state.graph is None and not state.use_graph
+    assert state.cache.keys[0].device.type == "cpu"
+    assert state.cache.keys[0].is_pinned() == bool(case.get("pin_kv_cache"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS, **ON)
+def test_gpu_offloaded_cache_with_cpu_streamed_weights(gpu_ckpt, method):
+    expected = tokens(zinfer.LLM(str(gpu_ckpt), dtype="float32", device="cuda"))
+    llm = zinfer.LLM(str(gpu_ckpt), dtype="float32", device="cuda", offload="cpu", kv_offload=True,
+                     pin_kv_cache=True, async_kv_offload=True, kv_attention=method)
+    assert llm.plan.streamed and llm.engine.kv_choice.method == method
+    assert tokens(llm) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS, **ON)
+def test_gpu_half_precision_logits_close(gpu_ckpt, method):
+    """fp16: host attention upcasts to fp32, so only rounding differs from the resident cache's first step."""
+    params = zinfer.SamplingParams(max_new_tokens=2, ignore_eos=True)
+    ref = zinfer.LLM(str(gpu_ckpt), dtype="float16", device="cuda", compile=False)
+    llm = zinfer.LLM(str(gpu_ckpt), dtype="float16", device="cuda", kv_offload=True, kv_attention=method,
+                     pin_kv_cache=True, async_kv_offload=True)
+    outs = []
+    slot = max(len(p) for p in PROMPTS) + 1  # rows [0, slot) hold the prompt and the one token fed back
+    for m in (ref, llm):
+        m.generate(PROMPTS, params)
+        with torch.inference_mode():  # the static buffers are inference tensors
+            outs.append(m.engine.state.step(torch.tensor([3, 4, 5], device="cuda"), slot).float())
+    assert ((outs[0] - outs[1]).norm() / outs[0].norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_large_host_arrays_registered_in_place():
+    """Past REGISTER_MIN the cache is page-locked where it lies (no power-of-two rounding), and DMA works."""
+    arrays = HostArrays(2, (40 << 20,), torch.float16, pin=True)  # 2 x 80 MiB
+    assert arrays.nbytes == 160 << 20 and all(t.is_pinned() for t in arrays)
+    src = torch.randn(40 << 20, device="cuda", dtype=torch.float16)
+    arrays[1].copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(arrays[1].cuda(), src)
+    del arrays  # unregisters first
+    torch.cuda.synchronize()

@@ -1,0 +1,281 @@
+"""A KV cache in host memory (ZeRO-Inference / FlexGen style), with two ways to run decode attention.
+
+Host layout is token-major, keys[layer]: [T_max, B, H_kv, D], so one decode slot and any prefix
+[0, n) are contiguous: each write and each prefetch is a single DMA copy.
+
+Prefill attends on the device with the prompt's own k, v (as the device cache does) and copies them
+to the host. Decode attention over the host cache runs either
+- "gpu" (`PrefetchKVCache`): layer i's rows [0, n) are copied into one of two device buffers on a
+  side stream while layer i-1 computes; the new token's k, v are written into the buffer and copied
+  back to the host row. PCIe carries 2·B·n·H_kv·D elements per layer and step.
+- "cpu" (`HostAttentionKVCache`): q, k, v of the new token go to the host, attention runs there
+  against the host cache, the output [B, H, 1, D] comes back. PCIe carries ~B·(H + 2·H_kv)·D.
+
+Every copy is ordered by CUDA events (nothing is ordered by luck):
+
+    store(i, rows):  copy stream waits "made" (compute) -> D2H rows -> record written[i]
+    prefetch(i, n):  copy stream waits free[b] -> H2D host[i][:n] into buffer b -> record ready
+    attend(i, s):    compute waits ready(i) -> prefetch(i+1, s) into the other buffer (or, after the last
+                     layer, the next step's layer 0 with n = s+1) -> write row s of b -> store(i, s)
+                     -> attention over rows [0, s] -> record free[b]
+    host reader:     written[i].synchronize() before the CPU reads layer i (attention on the CPU)
+
+D2H stores and H2D prefetches share the copy stream, so a prefetch of layer i always sees every
+store into layer i queued before it. Without `async_writes` stores run on the compute stream and
+block. On a CPU "device" the same functions run with plain copies and no events.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from zinfer.kv.host import HostArrays
+
+
+def _cut(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The first n keys of a mask [B, 1, 1, T] or bias [B, H, 1, T]."""
+    return None if x is None else x[..., :n]
+
+
+def _keys_view(rows: torch.Tensor) -> torch.Tensor:
+    # [n, B, H_kv, D] token-major -> [B, H_kv, n, D], the layout attention takes (a view, no copy)
+    return rows.permute(1, 2, 0, 3)
+
+
+class OffloadedKVCache:
+    """Host storage, prefill writes and the step slot; subclasses decide where decode attention runs."""
+
+    offloaded = True  # copies and host ints in the step: never captured in a CUDA graph
+    method = ""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str, pin: bool = False, async_writes: bool = False):
+        self.device, self.dtype = torch.device(device), dtype
+        self.cuda = self.device.type == "cuda"
+        self.num_layers, self.batch_size, self.max_len = num_layers, batch_size, max_len
+        self.shape = (max_len, batch_size, num_kv_heads, head_dim)
+        self.keys = HostArrays(num_layers, self.shape, dtype, pin)
+        self.values = HostArrays(num_layers, self.shape, dtype, pin)
+        self.pin = self.keys.pinned
+        self.async_writes = async_writes and self.cuda
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.written: list[torch.cuda.Event | None] = [None] * num_layers  # last async store into a layer
+        self.slot: int | None = None  # the slot this decode step writes (host int: set by begin_step)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    device_bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.host_bytes
+
+    def begin_step(self, slot: int) -> None:
+        self.slot = slot
+
+    # --- prefill ----------------------------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
+        """Prefill: k, v [B, H_kv, S, D] fill slots [0, S); attention uses them where they are."""
+        s = k.shape[2]
+        if s != kv_len:
+            raise ValueError(f"an offloaded KV cache takes a whole prompt at once (decode goes through attend): "
+                             f"{s} new keys but kv_len={kv_len}")
+        self.slot = None
+        self.forget()
+        self.store(layer, slice(0, s), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3))
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def forget(self) -> None:
+        """A new prompt replaces the cache: drop anything fetched from the old one."""
+
+    def attend(self, layer: int, q, k, v, inp, bias, fn):
+        if inp.kv_len == k.shape[2]:  # a one-token prompt: a prefill, it reads only its own k, v
+            keys, values = self.write(layer, k, v, inp.slots, inp.kv_len)
+            return fn(q, keys, values, inp.mask, bias)
+        return self.attend_decode(layer, q, k, v, inp, bias, fn)
+
+    def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
+        raise NotImplementedError
+
+    # --- device <-> host copies -------------------------------------------------------------------
+    def record(self, stream=None) -> torch.cuda.Event | None:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream or torch.cuda.current_stream(self.device))
+        return event
+
+    def store(self, layer: int, rows, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy device k, v (token-major, shaped like host rows `rows`) into the host cache of `layer`."""
+        # contiguous on the device, where it is cheap: the D2H is then one block
+        k, v = k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous()
+        if not self.async_writes:
+            self.keys[layer][rows].copy_(k)
+            self.values[layer][rows].copy_(v)
+            return
+        made = self.record()
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(made)
+            self.keys[layer][rows].copy_(k, non_blocking=True)
+            self.values[layer][rows].copy_(v, non_blocking=True)
+            self.written[layer] = self.record(self.copy_stream)
+        for t in (k, v):  # allocated on the compute stream: keep the memory until the copy has read it
+            t.record_stream(self.copy_stream)
+
+    def wait_written(self, layer: int) -> None:
+        """Before the CPU reads `layer`: its async stores must have landed."""
+        if self.written[layer] is not None:
+            self.written[layer].synchronize()
+            self.written[layer] = None
+
+    def decode_slot(self, k: torch.Tensor) -> int:
+        if k.shape[2] != 1:
+            raise ValueError(f"attend() takes one new token per row, got {k.shape[2]}")
+        if self.slot is None:
+            raise RuntimeError("decode over an offloaded KV cache needs begin_step(slot) first: the host must "
+                               "know the slot without reading it back from the device")
+        return self.slot
+
+
+@dataclass
+class _Fetched:
+    n: int  # host rows [0, n) are (being) copied
+    buf: int  # into device buffer 0 or 1
+    ready: torch.cuda.Event | None  # recorded on the copy stream after the copy
+
+
+class PrefetchKVCache(OffloadedKVCache):
+    """Decode attention on the device: layer i's cache is prefetched into a double buffer while i-1 runs."""
+
+    method = "gpu"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # bufs[b] = (keys, values), each [T_max, B, H_kv, D]; zeros: never-written rows must be finite
+        self.bufs = [tuple(torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(2))
+                     for _ in range(2)]
+        self.free: list[torch.cuda.Event | None] = [None, None]  # compute finished reading buffer b
+        self.fetched: dict[int, _Fetched] = {}  # layer -> its copy in flight
+        self.last_buf = 1  # the buffer the latest attention read; the next prefetch fills the other
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.bufs for t in pair)
+
+    def forget(self) -> None:
+        self.fetched.clear()  # copies still in flight stay ordered on the copy stream
+
+    def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
+        s = self.decode_slot(k)
+        b = self.take(layer, s)
+        nxt, n = (layer + 1, s) if layer + 1 < self.num_layers else (0, s + 1)  # wrap: next step's first layer
+        self.fetched[nxt] = self.prefetch(nxt, n)
+        keys, values = self.bufs[b]
+        keys[s].copy_(k[:, :, 0])  # [B, H_kv, D]: the new token joins the fetched rows [0, s)
+        values[s].copy_(v[:, :, 0])
+        self.store(layer, s, keys[s], values[s])
+        out = fn(q, _keys_view(keys[:s + 1]), _keys_view(values[:s + 1]), _cut(inp.mask, s + 1),
+                 _cut(bias, s + 1))
+        self.free[b] = self.record()
+        return out
+
+    def take(self, layer: int, n: int) -> int:
+        """The buffer holding host rows [0, n) of `layer`, waited for on the compute stream."""
+        got = self.fetched.pop(layer, None)
+        if got is None or got.n != n:  # first step after a prefill (or a stale guess): fetch it now
+            got = self.prefetch(layer, n)
+        if got.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(got.ready)
+        self.last_buf = got.buf
+        return got.buf
+
+    def prefetch(self, layer: int, n: int) -> _Fetched:
+        """Start copying host rows [0, n) of `layer` into the buffer the latest attention did not read."""
+        b = 1 - self.last_buf
+        keys, values = self.bufs[b]
+        if not self.cuda:
+            keys[:n].copy_(self.keys[layer][:n])
+            values[:n].copy_(self.values[layer][:n])
+            return _Fetched(n, b, None)
+        with torch.cuda.stream(self.copy_stream):
+            if self.free[b] is not None:
+                self.copy_stream.wait_event(self.free[b])
+            keys[:n].copy_(self.keys[layer][:n], non_blocking=True)
+            values[:n].copy_(self.values[layer][:n], non_blocking=True)
+            return _Fetched(n, b, self.record(self.copy_stream))
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # CPUs without half-precision matmul units run fp16/bf16 matmuls several times slower than fp32
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class HostAttentionKVCache(OffloadedKVCache):
+    """Decode attention on the CPU: only the new token's q, k, v and the output cross PCIe."""
+
+    method = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.staging: dict[str, torch.Tensor] = {}  # small pinned buffers for q/k/v in and the output back
+        self.step_inputs: tuple | None = None  # (mask, bias, n, host mask, host bias): shared by all layers
+
+    def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
+        s = self.decode_slot(k)
+        q, k, v = self.to_host(q, k, v)  # [B, H, 1, D], [B, H_kv, D], [B, H_kv, D]
+        self.wait_written(layer)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[s].copy_(k)
+        values[s].copy_(v)
+        mask, bias = self.host_inputs(inp.mask, bias, s + 1)
+        out = fn(_upcast(q), _upcast(_keys_view(keys[:s + 1])), _upcast(_keys_view(values[:s + 1])), mask, bias)
+        return self.to_device(out.to(self.dtype))
+
+    def stage(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self.staging.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self.staging[name] = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.pin)
+        return buf
+
+    def to_host(self, q, k, v):
+        """q [B, H, 1, D], k, v [B, H_kv, 1, D] on the host, in one D2H copy."""
+        b, _, _, d = k.shape
+        if not self.cuda:
+            return q, k[:, :, 0], v[:, :, 0]
+        packed = torch.cat([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], 1)  # [B, (H + 2 H_kv) D]
+        host = self.stage("in", packed)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        hq, hk = q[0].numel(), k[0].numel()
+        return (host[:, :hq].view(q.shape), host[:, hq:hq + hk].view(b, -1, d),
+                host[:, hq + hk:].view(b, -1, d))
+
+    def to_device(self, out: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return out
+        # the next layer's to_host synchronizes the compute stream, so this H2D has finished before the
+        # staging buffer is written again
+        host = self.stage("out", out)
+        host.copy_(out)
+        return host.to(self.device, non_blocking=True)
+
+    def host_inputs(self, mask, bias, n: int):
+        """The step's key mask and ALiBi bias, first n keys, copied to the host once per step."""
+        cached = self.step_inputs
+        if cached is None or cached[0] is not mask or cached[1] is not bias or cached[2] != n:
+            host_mask = None if mask is None else _cut(mask, n).to("cpu")
+            host_bias = None if bias is None else _cut(bias, n).float().to("cpu")
+            self.step_inputs = cached = (mask, bias, n, host_mask, host_bias)
+        return cached[3], cached[4]
+
+
+CACHES = {"gpu": PrefetchKVCache, "cpu": HostAttentionKVCache}
+
+
+def offloaded_cache(method: str, *args, **kwargs) -> OffloadedKVCache:
+    """A host-memory KV cache whose decode attention runs on the compute device ("gpu") or the CPU ("cpu")."""
+    if method not in CACHES:
+        raise ValueError(f"decode attention over an offloaded cache runs on 'gpu' or 'cpu'; got {method!r}")
+    return CACHES[method](*args, **kwargs)

@@ -1,0 +1,129 @@
+"""The tensor-parallel group a model runs in: rank, size and process group; set up from torchrun's environment.
+
+A model is built for one `TensorParallel` (`building(tp)` around its constructor, read with `current()`),
+so model files can size their per-rank heads without any argument threaded through the constructors.
+"""
+
+import atexit
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from zinfer.errors import InputError
+
+# How long a collective waits for the other ranks before failing: long enough for a slow rank to finish loading
+# a large checkpoint, short enough that a rank lost without its launcher noticing cannot hang the rest forever.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """`size` processes each holding 1/size of every split weight: every process of the job (the default
+    group), which `group_name` names for torch.compile. No ProcessGroup object is kept: a reference outliving
+    `destroy_process_group` makes gloo abort the process at exit."""
+
+    rank: int = 0
+    size: int = 1
+    group_name: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's partial `x`, in place. The result is the same on every rank (NCCL and gloo
+        reduce each element once and share it), so replicated work after it (norms, LM head, sampling) agrees
+        bitwise. CUDA graphs capture the NCCL call; torch.compile traces its functional form."""
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(x, "sum", self.group_name)
+        dist.all_reduce(x)  # eager: the plain collective (gloo's functional one can abort the process at exit)
+        return x
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_agree(self, value, what: str) -> None:
+        """Fail on every rank if the ranks hold different `value`s (they must step in lockstep)."""
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            bad = [r for r, v in enumerate(values) if v != values[0]]
+            raise RuntimeError(f"tensor-parallel ranks disagree on {what}: rank(s) {bad} differ from rank 0")
+
+
+SINGLE = TensorParallel()
+_BUILDING: ContextVar[TensorParallel] = ContextVar("zinfer_tensor_parallel", default=SINGLE)
+
+
+@contextmanager
+def building(tp: TensorParallel) -> Iterator[TensorParallel]:
+    """Models constructed inside see `tp` through `current()` (like `torch.device('meta')` for devices)."""
+    token = _BUILDING.set(tp)
+    try:
+        yield tp
+    finally:
+        _BUILDING.reset(token)
+
+
+def current() -> TensorParallel:
+    """The group the model under construction is built for (one process outside `building`)."""
+    return _BUILDING.get()
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun (or another launcher that sets the env:// variables)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this rank computes on: `cuda` without an index means cuda:LOCAL_RANK (one GPU per rank)."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if local_rank() >= torch.cuda.device_count():
+        raise InputError(f"local rank {local_rank()} needs GPU {local_rank()}, but this machine has "
+                         f"{torch.cuda.device_count()}: start at most that many processes per node")
+    return torch.device("cuda", local_rank())
+
+
+def setup(size: int, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallel:
+    """The group of `size` ranks for a model on `device`; initialises torch.distributed from the environment
+    (NCCL on CUDA, gloo on CPU) when it is not initialised yet."""
+    if size == 1:
+        return SINGLE
+    if not dist.is_initialized():
+        if not launched():
+            raise InputError(f"tp={size} runs one process per rank: start them with `torchrun --nproc-per-node "
+                             f"{size} your_script.py` (Python) or `zinfer generate --nproc {size} ...` (command line)")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        # left up at exit, gloo's threads can abort the process: tear it down if the script did not
+        atexit.register(shutdown)
+    world = dist.get_world_size()
+    if world != size:
+        raise InputError(f"tp={size}, but {world} processes were started: tensor parallelism uses every process "
+                         f"of the job, start exactly {size} (torchrun --nproc-per-node {size})")
+    return TensorParallel(dist.get_rank(), size, dist.group.WORLD.group_name)
+
+
+def shutdown() -> None:
+    """Tear down torch.distributed if it is up: call it when a script's ranks are done (it also runs at exit
+    when zinfer started torch.distributed). The barrier first, so no rank tears down its connections while
+    another still uses them."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
