@@ -1,4 +1,4 @@
-"""The tensor-parallel group a model runs in: rank, size and process group; set up from torchrun's environment.
+"""The tensor-parallel group a model runs in (this rank, the number of ranks), set up from torchrun's environment.
 
 A model is built for one `TensorParallel` (`building(tp)` around its constructor, read with `current()`),
 so model files can size their per-rank heads without any argument threaded through the constructors.
@@ -43,7 +43,7 @@ class TensorParallel:
         bitwise. CUDA graphs capture the NCCL call; torch.compile traces its functional form."""
         if torch.compiler.is_compiling():
             return funcol.all_reduce(x, "sum", self.group_name)
-        dist.all_reduce(x)  # eager: the plain collective (gloo's functional one can abort the process at exit)
+        dist.all_reduce(x)  # eager: the plain collective; with gloo the functional one now and then aborts at exit
         return x
 
     def broadcast_object(self, obj):
