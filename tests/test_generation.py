@@ -175,3 +175,11 @@ def test_cuda_device_without_gpu_is_a_clear_error():
 
     with pytest.raises(zinfer.ZinferError, match="no CUDA GPU"):
         resolve_device(0)
+
+
+def test_unseeded_sampling_leaves_global_rng_alone(llm):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    llm.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=3, temperature=1.0, ignore_eos=True))
+    assert torch.equal(torch.rand(3), expected)

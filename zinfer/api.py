@@ -2,6 +2,7 @@
 
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -212,7 +213,7 @@ class LLM:
         params = params or SamplingParams()
         if self.tp.size > 1 and not params.greedy and params.seed is None:
             # every rank must sample the same tokens: draw one seed on rank 0 and share it
-            params = replace(params, seed=self.tp.broadcast_object(torch.seed() % 2**63))
+            params = replace(params, seed=self.tp.broadcast_object(secrets.randbits(63)))
         ids = self.encode(prompts)
         self.last_timings = Timings()
         return ids, params, self.engine.run(ids, params, self.eos_token_ids, self.pad_token_id,

@@ -4,6 +4,7 @@ Sampling stays on the device; the host sees each step's tokens to decide stoppin
 """
 
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ class Generator:
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            # no seed: fresh entropy, never torch.seed(), which would re-seed the caller's global RNG
+            gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         seen = self._seen(batch, params)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         suppress = torch.tensor(sorted(stop_ids), device=self.device) if stop_ids else None
