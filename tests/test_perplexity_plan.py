@@ -6,7 +6,7 @@ import math
 import pytest
 
 import zinfer
-from helpers import make_checkpoint, save_word_tokenizer
+from helpers import make_text_checkpoint
 from zinfer.cli import main
 from zinfer.perplexity import SAMPLE_TEXT, perplexity
 
@@ -14,9 +14,7 @@ from zinfer.perplexity import SAMPLE_TEXT, perplexity
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ppl")
-    make_checkpoint("llama", directory)
-    save_word_tokenizer(directory)
-    return directory
+    return make_text_checkpoint(directory)
 
 
 TEXT = " ".join(f"w{3 + (i * 7) % 150}" for i in range(300))  # 300 tokens > the tiny context of 128

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zinfer
-from helpers import make_checkpoint, save_word_tokenizer
+from helpers import make_text_checkpoint, with_tokenizer_config
 from zinfer.bench import perf
 from zinfer.errors import CheckpointError, InputError, ModelNotFoundError
 from zinfer.pipeline import Performance, Pipeline
@@ -19,21 +19,17 @@ PROMPTS = ["w5 w17 w33 w42", "w12 w8"]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama")
-    make_checkpoint("llama", directory)
-    save_word_tokenizer(directory)
-    return directory
+    return make_text_checkpoint(directory)
 
 
 @pytest.fixture(scope="module")
 def llama_like_tokenizer(tmp_path_factory, ckpt):
     """No pad token, and `token_type_ids` among the outputs (as LlamaTokenizerFast gives)."""
-    directory = tmp_path_factory.mktemp("llama-tok")
-    shutil.copytree(ckpt, directory, dirs_exist_ok=True)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config.pop("pad_token")
-    config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
+    def edit(config):
+        config.pop("pad_token")
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+
+    return with_tokenizer_config(ckpt, tmp_path_factory.mktemp("llama-tok"), edit)
 
 
 def pipeline(directory, **kwargs) -> Pipeline:
