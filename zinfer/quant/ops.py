@@ -15,7 +15,6 @@ zero' = zero + 8 * scale); a CPU fast path could repack once and cache it.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -26,10 +25,13 @@ from zinfer.quant.pack import QuantizedWeight, dequantize, dequantize_rows
 _FALLBACK_BLOCK_ELEMS = 1 << 22  # weight elements dequantized per fallback step (16 MiB fp32)
 
 
-@functools.cache
+# Triton is imported lazily (CPU machines without it must still import zinfer.quant); whether it is there
+# is looked up once, at import: inside a compiled decode step the lookup would be a graph break per layer.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Triton is imported lazily: CPU machines without it must still import zinfer.quant."""
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_AVAILABLE
 
 
 def quant_matmul(x: Tensor, qw: QuantizedWeight, *, impl: str = "auto", cache_dequantized: bool = False) -> Tensor:
@@ -52,10 +54,27 @@ def quant_matmul(x: Tensor, qw: QuantizedWeight, *, impl: str = "auto", cache_de
             f"x is {x.dtype} on {x.device}, triton {'found' if triton_available() else 'missing'}"
         )
     if impl != "torch" and fused_ok and not cache_dequantized:
-        from zinfer.quant import triton_kernels
-
-        return triton_kernels.fused_matmul(x, qw)
+        s = qw.spec
+        return _fused_matmul(x, qw.qweight, qw.scale, qw.zero, n, k, s.bits, s.group_size, s.group_dim, s.symmetric)
     return _matmul_torch(x, qw, cache_dequantized)
+
+
+# One opaque operator for torch.compile: dynamo does not trace the Triton launch code (grid and config
+# arithmetic, split-K partials), so a quantized layer costs no graph break and the element-wise work
+# around it still fuses. The operator allocates its output, which CUDA graph capture handles.
+@torch.library.custom_op("zinfer::fused_quant_matmul", mutates_args=())
+def _fused_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, n: int, k: int, bits: int,
+                  group_size: int, group_dim: int, symmetric: bool) -> Tensor:
+    from zinfer.quant import triton_kernels
+    from zinfer.quant.spec import QuantSpec
+
+    spec = QuantSpec(bits=bits, group_size=group_size, group_dim=group_dim, symmetric=symmetric)
+    return triton_kernels.fused_matmul(x, QuantizedWeight(qweight, scale, zero, (n, k), spec))
+
+
+@_fused_matmul.register_fake
+def _(x, qweight, scale, zero, n, k, bits, group_size, group_dim, symmetric):
+    return x.new_empty(*x.shape[:-1], n)
 
 
 def _matmul_torch(x: Tensor, qw: QuantizedWeight, cache: bool) -> Tensor:
