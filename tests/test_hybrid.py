@@ -56,8 +56,9 @@ def sgd_steps(model, steps: int = 2, lr: float = 0.5, seed: int = 1) -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
+    device = next(model.parameters()).device
     for _ in range(steps):
-        x = torch.randint(3, 211, (4, 12), generator=g)
+        x = torch.randint(3, 211, (4, 12), generator=g).to(device)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
