@@ -220,6 +220,14 @@ def test_compare_table_with_dummy_weights(tiny, capsys):
     assert "dummy weights: each system draws its own random values" in out
 
 
+def test_compare_runs_only_the_peers_named(tiny, capsys):
+    code, out, _ = main(capsys, "compare", "--model", tiny[0], *SMALL, "--peers", "transformers", "--json")
+    assert code == 0
+    assert [r["system"] for r in json.loads(out)["rows"]] == ["zinfer", "transformers"]
+    code, _, err = main(capsys, "compare", "--model", tiny[0], "--peers", "transformers,vllm")
+    assert code == 2 and "unknown peer vllm; choose from transformers, accelerate, deepspeed" in err
+
+
 def test_deepspeed_config_is_get_ds_models():
     h = 64
     cpu = ds_zero3_config(BenchConfig(cpu_offload=True, batch_size=8, quant_bits=4), h, torch.float16)

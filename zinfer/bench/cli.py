@@ -14,6 +14,7 @@ from dataclasses import fields, replace
 from zinfer.api import DTYPES
 from zinfer.bench.compare import COLUMNS, compare
 from zinfer.bench.metrics import BenchConfig
+from zinfer.bench.peers import PEER_NAMES, default_peers
 from zinfer.bench.plot import format_table, plot_sweep
 from zinfer.bench.run import is_rank_zero, load_bench_llm, run_generation
 from zinfer.cli import HelpFormatter, positive_int
@@ -145,9 +146,19 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                               epilog=COMPARE_EXAMPLES, formatter_class=HelpFormatter)
     add_model_flags(p)
     add_workload_flags(p)
+    p.add_argument("--peers", type=peer_names, default=None, metavar="NAMES",
+                   help=f"comma-separated peers to run (default: all of {', '.join(PEER_NAMES)})")
     p.add_argument("--json", action="store_true", help="print one JSON object with a list of rows")
     p.set_defaults(run=run_compare)
     return p
+
+
+def peer_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    return names
 
 
 def register(subparsers) -> None:
@@ -223,7 +234,9 @@ def plot_throughput(rows: list[dict], field: str, path: str) -> str:
 
 def run_compare(args: argparse.Namespace) -> int:
     config = bench_config(args)
-    report = compare(config, args.device, args.dtype, **run_options(args))
+    options = run_options(args)
+    peers = None if args.peers is None else [p for p in default_peers(options["pin_memory"]) if p.name in args.peers]
+    report = compare(config, args.device, args.dtype, peers=peers, **options)
     if args.json:
         print(json.dumps(report))
     else:

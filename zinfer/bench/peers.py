@@ -225,3 +225,6 @@ class DeepSpeedPeer(HFGeneratePeer):
 
 def default_peers(pin_memory: bool = True) -> list[HFGeneratePeer]:
     return [TransformersPeer(), AcceleratePeer(), DeepSpeedPeer(pin_memory)]
+
+
+PEER_NAMES = tuple(p.name for p in (TransformersPeer, AcceleratePeer, DeepSpeedPeer))
