@@ -1,7 +1,9 @@
 """In-GPU generation, named cases: zinfer vs transformers eager `generate` on the same model shape and inputs.
 
 Run on the device:  python benchmarks/in_gpu.py [--model llama-3-8b] [--cases b1-p128-g128,...] [--no-peer]
-Writes $OUT/in_gpu.json (or ./in_gpu.json) and prints a table. Dummy bf16 weights; ceilings measured once.
+                    [--quant-bits 16,4,8]
+Writes $OUT/in_gpu.json (or ./in_gpu.json) and prints a table. Dummy bf16 weights (group-wise int4/int8 with
+--quant-bits: one model per value, in that order, each with the same cases); ceilings measured once.
 """
 
 import argparse
@@ -30,7 +32,8 @@ def prompts_for(case, vocab: int, seed: int = 0):
 
 
 def weight_bytes_per_step(llm) -> int:
-    # every parameter is read once per step except the embedding table (only B rows are gathered)
+    # every parameter (packed codes, scales and zeros when quantized) is read once per step except the
+    # embedding table (only B rows are gathered)
     total = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     embed = next(p for n, p in llm.model.named_parameters() if "embed_tokens" in n)
     return total - embed.numel() * embed.element_size()
@@ -98,18 +101,48 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quant-bits", default="16", help="comma-separated: 16 (bf16), 8, 4; one model each")
+    ap.add_argument("--quant-group-size", type=int, default=64)
     args = ap.parse_args()
     ceil = get_ceilings("cuda")
     print("ceilings:", json.dumps(ceil))
+    results = dict(model=args.model, device=torch.cuda.get_device_name(), ceilings=ceil, torch=torch.__version__,
+                   runs={})
+    for bits in (int(b) for b in args.quant_bits.split(",")):
+        tag = "bf16" if bits == 16 else f"int{bits}-g{args.quant_group_size}"
+        results["runs"][tag] = run_model(args, bits, ceil, peer=not args.no_peer and bits == 16)
+        gc.collect()
+        torch.cuda.empty_cache()
+    out = os.path.join(os.environ.get("OUT", "."), "in_gpu.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n{'weights':10} {'case':16} {'tok/s':>9} {'ms/step':>8} {'floor':>7} {'x floor':>7} {'HF tok/s':>9} "
+          f"{'speedup':>7} {'prefill TF/s':>12}")
+    base = results["runs"].get("bf16", {}).get("cases", {})
+    for tag, run in results["runs"].items():
+        for name, r in run["cases"].items():
+            hf = r.get("hf_eager", {})
+            vs = r.get("speedup_vs_hf", 0) or (r.get("decode_tok_s", 0) / base[name]["decode_tok_s"]
+                                                if name in base and base[name].get("decode_tok_s") else 0)
+            print(f"{tag:10} {name:16} {r.get('decode_tok_s', 0):9.1f} {r.get('decode_step_ms', 0):8.2f} "
+                  f"{r.get('floor_step_ms', 0):7.2f} {r.get('step_over_floor', 0):7.2f} "
+                  f"{hf.get('decode_tok_s', 0):9.1f} {vs:7.2f} {r['prefill_tflops']:12.1f}")
+    print("speedup: vs HF eager for bf16; vs zinfer's own bf16 run for quantized weights")
+
+
+def run_model(args, bits: int, ceil: dict, peer: bool) -> dict:
     dtype = torch.bfloat16
     t = time.perf_counter()
-    llm = zinfer.LLM(args.model, dummy=True, dtype=dtype, device="cuda")
+    quant = {} if bits == 16 else dict(quant_bits=bits, quant_group_size=args.quant_group_size)
+    llm = zinfer.LLM(args.model, dummy=True, dtype=dtype, device="cuda", **quant)
     load_s = time.perf_counter() - t
     wbytes = weight_bytes_per_step(llm)
     nonembed = sum(p.numel() for n, p in llm.model.named_parameters() if "embed_tokens" not in n
                    and "lm_head" not in n)
-    results = dict(model=args.model, device=torch.cuda.get_device_name(), ceilings=ceil, load_s=load_s,
-                   weight_bytes_per_step=wbytes, torch=torch.__version__, cases={})
+    if bits != 16:  # FLOPs count the dense weights the packed codes stand for
+        nonembed = sum(m.in_features * m.out_features for m in llm.model.modules()
+                       if getattr(m, "qspec", None) is not None)
+    results = dict(load_s=load_s, weight_bytes_per_step=wbytes, cases={})
     hbm, mm = ceil["device_copy_bytes_per_s"], ceil["matmul_flops_per_s"]
     for name in args.cases.split(","):
         case = CASES[name]
@@ -124,23 +157,16 @@ def main():
         hd = llm.model.head_dim * cfg.num_attention_heads
         flops = 2 * nonembed * b * p + 2 * llm.model.num_layers * b * p * p * hd  # causal attention: half of 4*S^2*d
         r.update(prefill_tflops=flops / r["prefill_s"] / 1e12, prefill_over_matmul_rate=flops / r["prefill_s"] / mm)
-        if case["peer"] and not args.no_peer:
+        if case["peer"] and peer:
             llm.engine.release()  # the peer gets the memory our KV cache held
             r["hf_eager"] = run_peer(llm.config, case, dtype, args.repeats)
             if g > 1:
                 r["speedup_vs_hf"] = r["decode_tok_s"] / r["hf_eager"]["decode_tok_s"]
         results["cases"][name] = r
-        print(name, json.dumps(r), flush=True)
-    out = os.path.join(os.environ.get("OUT", "."), "in_gpu.json")
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\n{'case':16} {'tok/s':>9} {'ms/step':>8} {'floor':>7} {'x floor':>7} {'HF tok/s':>9} {'speedup':>7} "
-          f"{'prefill TF/s':>12}")
-    for name, r in results["cases"].items():
-        hf = r.get("hf_eager", {})
-        print(f"{name:16} {r.get('decode_tok_s', 0):9.1f} {r.get('decode_step_ms', 0):8.2f} "
-              f"{r.get('floor_step_ms', 0):7.2f} {r.get('step_over_floor', 0):7.2f} {hf.get('decode_tok_s', 0):9.1f} "
-              f"{r.get('speedup_vs_hf', 0):7.1f} {r['prefill_tflops']:12.1f}")
+        print(bits, name, json.dumps(r), flush=True)
+    llm.engine.release()
+    del llm
+    return results
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Weight offload, named cases: zinfer streaming from pinned CPU / NVMe vs accelerate's cpu_offload.
 
-Run on the device:  python benchmarks/offload.py [--cases all-cpu,half-gpu,nvme] [--no-peer]
-Llama-3-8B shape, fp16 dummy weights, batch 16, prompt 512, 32 new tokens (the issue's workload).
+Run on the device:  python benchmarks/offload.py [--cases all-cpu,half-gpu,nvme,all-cpu-int4] [--no-peer]
+Llama-3-8B shape, fp16 dummy weights, batch 16, prompt 512, 32 new tokens (the issue's workload). A case name
+ending in -int4 / -int8 streams group-wise quantized weights (group 64) instead.
 Writes $OUT/offload.json.
 """
 
@@ -76,9 +77,11 @@ def main():
     results = dict(device=torch.cuda.get_device_name(), ceilings=ceil, cases={})
     for name in args.cases.split(","):
         t = time.perf_counter()
-        if name == "all-cpu":
-            llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu")
-        elif name == "half-gpu":
+        place, _, bits = name.partition("-int")
+        quant = dict(quant_bits=int(bits), quant_group_size=64) if bits else {}
+        if place == "all-cpu":
+            llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu", **quant)
+        elif place == "half-gpu":
             probe = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu")
             per_layer = probe.plan.units[1].nbytes
             budget = probe.plan.units[0].nbytes + 2 * per_layer + 16 * per_layer
@@ -86,19 +89,19 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
             llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu", gpu_memory=budget)
-        elif name == "nvme":
+        elif place == "nvme":
             llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="nvme",
-                             offload_dir=os.path.join(tempfile.gettempdir(), "zinfer-offload"))
-        elif name == "mixtral-over-gpu":
+                             offload_dir=os.path.join(tempfile.gettempdir(), "zinfer-offload"), **quant)
+        elif place == "mixtral-over-gpu":
             cap = min(torch.cuda.mem_get_info()[0] - (4 << 30), 70 << 30)
             llm = zinfer.LLM("mixtral-8x7b", dummy=True, dtype="bfloat16", device="cuda", offload="auto",
                              gpu_memory=cap)
         else:
             raise SystemExit(f"unknown case {name}")
         load_s = time.perf_counter() - t
-        r = run(llm, repeats=1, gen=4) if name == "nvme" else run(llm)  # NVMe steps take seconds
-        r["load_s"] = load_s
-        bw = disk if name == "nvme" and disk else h2d
+        r = run(llm, repeats=1, gen=4) if place == "nvme" else run(llm)  # NVMe steps take seconds
+        r["load_s"], r["quant_bits"] = load_s, int(bits or 16)
+        bw = disk if place == "nvme" and disk else h2d
         r["floor_step_ms"] = r["streamed_gib"] * 2**30 / bw * 1e3
         r["step_over_floor"] = r["decode_step_ms"] / r["floor_step_ms"] if r["floor_step_ms"] else None
         r["resident_layers"] = sum(1 for u in llm.plan.units[1:] if u.place == "gpu")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the named benchmark cases. Results land in $OUT.
-# Usage (device tool):  [TESTS=-k expr] [BENCH_CASES="in_gpu offload"] bash benchmarks/run_device.sh
+# Usage (device tool):  [TESTS=all|none|<-k expr>] [TEST_TIMEOUT=s] [BENCH_CASES="in_gpu offload"] [BENCH_ARGS=...]
+#                        bash benchmarks/run_device.sh
 set -uo pipefail
 OUT=${OUT:-./.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ZINFER_CACHE=${ZINFER_CACHE:-/tmp/zinfer-cache}
@@ -15,7 +16,7 @@ nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-all}" != "none" ]; then
     if [ "${TESTS:-all}" = "all" ]; then sel=(); else sel=(-k "$TESTS"); fi
-    python3 -m pytest -q -m gpu tests -p no:cacheprovider "${sel[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests -p no:cacheprovider "${sel[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 for case in ${BENCH_CASES:-in_gpu offload}; do
     python3 benchmarks/$case.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$case.log" | tail -12
