@@ -7,6 +7,8 @@ zinfer's graph-captured decode), for cuBLAS, the config `choose` picks (timed wi
 candidate. GB/s = (weight + x + out bytes) / time, and that as a fraction of the device-to-device copy bandwidth
 (zinfer.bench.ceilings: bytes read + written). Prints a table and a batch-1 decode-step estimate (32 layers +
 LM head); writes $OUT/gemv.json (or ./gemv.json). About a minute, most of it Triton compiling ~10 kernels.
+--sweep also times a wider grid of tiles (for revising triton_gemv's candidate list; ~40 more compiles, so pass
+fewer shapes or Ms to stay within a few minutes).
 """
 
 import argparse
@@ -57,18 +59,31 @@ def graph_time(fns, reps: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_case(name, n, k, m, dtype, ws, copy_bw):
+def sweep_configs(m, n, k, n_sm):
+    """A wider grid than triton_gemv.candidates: each tile with and without its split-K."""
+    tiles = [("dot", bn, bk, w, s) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w, s in ((4, 3), (4, 6))]
+    if m == 1:
+        tiles += [("gemv", bn, 256 * w, w, s) for bn in (1, 2, 4, 8) for w in (2, 4, 8) for s in (1, 3)]
+    out = []
+    for kernel, bn, bk, w, s in tiles:
+        per = tg.split_k(k, -(-n // bn), bk, n_sm)
+        out += [tg.Config(kernel, bn, bk, w, s, p) for p in sorted({0, per})]
+    return out
+
+
+def run_case(name, n, k, m, dtype, ws, copy_bw, sweep=False):
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     nbytes = (n * k + m * k + m * n) * x.element_size()
     chosen = tg.choose(x, ws[0], None)
     cands = tg.candidates(m, n, k, tg.sm_count(x))
+    extra = [c for c in sweep_configs(m, n, k, tg.sm_count(x)) if c not in cands] if sweep else []
     us = {"cublas": graph_time([lambda w=w: F.linear(x, w) for w in ws])}
-    for c in cands:
+    for c in cands + extra:
         us[str(c)] = graph_time([lambda w=w, c=c: tg.launch(x, w, None, c) for w in ws])
     ref = F.linear(x.float(), ws[0].float())
     y = tg.launch(x, ws[0], None, chosen).float()
     gbps = lambda t: nbytes / (t * 1e-6) / 1e9
-    _, dobench = tg.tuned()[tg._key(x, ws[0], None)]
+    _, dobench = tg.tuned()[tg.tuning_key(x, ws[0], None)]
     return dict(name=name, n=n, k=k, m=m, bytes=nbytes, chosen=str(chosen), heuristic=str(cands[0]),
                 us=us, us_chosen=us[str(chosen)], gbps_cublas=gbps(us["cublas"]), gbps_chosen=gbps(us[str(chosen)]),
                 frac_cublas=gbps(us["cublas"]) * 1e9 / copy_bw, frac_chosen=gbps(us[str(chosen)]) * 1e9 / copy_bw,
@@ -81,6 +96,7 @@ def main():
     p.add_argument("--ms", default="1,4,16")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--sweep", action="store_true", help="also time a wider grid of tiles")
     a = p.parse_args()
     start = time.perf_counter()
     dtype = getattr(torch, a.dtype)
@@ -98,9 +114,9 @@ def main():
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * w.element_size()) - 1)]
         for m in (int(v) for v in a.ms.split(",")):
-            r = run_case(name, n, k, m, dtype, ws, copy_bw)
+            r = run_case(name, n, k, m, dtype, ws, copy_bw, a.sweep)
             rows.append(r)
-            best = f"  ({r['best']}: {r['us'][r['best']]:.1f} us)" if r["best"] != r["chosen"] else ""
+            best = f"  (fastest {r['best']}: {r['us'][r['best']]:.1f} us)" if r["best"] != r["chosen"] else ""
             print(f"{name + f' M={m}':<16}{r['us']['cublas']:>10.1f}{r['gbps_cublas']:>7.0f}{r['frac_cublas']:>6.2f}"
                   f"{r['us_chosen']:>10.1f}{r['gbps_chosen']:>7.0f}{r['frac_chosen']:>6.2f}"
                   f"{r['us']['cublas'] / r['us_chosen']:>7.2f}x{r['max_rel_err']:>9.1e}  {r['chosen']}{best}")

@@ -7,7 +7,7 @@ enough loads in flight. cuBLAS's M = 1 GEMV reached ~3.1 of the H200's 4.2 TB/s 
 Two kernels, both reading W in [BLOCK_N rows, BLOCK_K] tiles with 16-byte vector loads along K:
   _gemv_kernel (M = 1)   CUDA cores, fp32. Each thread keeps its elementwise products in an fp32 [BN, BK]
                          accumulator; the K reduction happens once, after the loop (no cross-thread traffic
-                         per tile). Few rows per program (4-16) give thousands of programs for N >= 4096.
+                         per tile). Few rows per program (2-8) give 500+ programs for N >= 4096.
   _skinny_kernel (M<=16) tensor cores: acc [BN, 16] = W_tile @ x_tile.T with fp32 accumulation (W is the A
                          operand, so BN >= 64 can use Hopper's wgmma); x is padded to 16 rows by clamping row
                          indices (padded rows are computed and not stored).
@@ -19,10 +19,10 @@ Split-K, when N / BLOCK_N programs cannot fill the GPU: each split writes fp32 p
 kernel sums them in split order, adds the bias and rounds once: deterministic (no atomics).
 
 Choosing a config: `candidates()` lists a handful per (M bucket, N, K), the heuristic's pick first. In "auto" mode
-`choose()` times each (and cuBLAS) once per key with a cold L2, as decode reads weights cold, and keeps the first
-candidate within TIE of the fastest: a timing wobble between near-equal configs does not flip the choice. Timing
-happens on the first call of a shape, which must come before CUDA-graph capture (decode warms up first); a call
-during capture that finds no choice uses the heuristic's.
+`choose()` times each (and cuBLAS, listed last) once per key with a cold L2, as decode reads weights cold, and keeps
+the first candidate within TIE of the fastest: a timing wobble between near-equal configs does not flip the choice.
+Timing happens on the first call of a shape, which must come before CUDA-graph capture (decode warms up first); a
+call during capture that finds no choice uses the heuristic's.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
-        w = tl.load(w_rows + kk[None, :])
+        w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")  # read once: keep x, not W, in L2
         x = tl.load(x_ptr + kk)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     if k_full < k_end:  # ragged end of K (the last split only)
         kk = k_full + offs_k
         k_mask = kk < k_end
-        w = tl.load(w_rows + kk[None, :], mask=k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     res = tl.sum(acc, axis=1)  # [BN]
@@ -93,13 +93,13 @@ def _skinny_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
-        w = tl.load(w_rows + kk[None, :])  # [BN, BK]
+        w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")  # [BN, BK]
         x = tl.load(x_rows + kk[None, :])  # [BM, BK]
         acc = tl.dot(w, tl.trans(x), acc)  # [BN, BM], fp32
     if k_full < k_end:
         kk = k_full + offs_k
         k_mask = (kk < k_end)[None, :]
-        w = tl.load(w_rows + kk[None, :], mask=k_mask, other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=k_mask, other=0.0, eviction_policy="evict_first")
         x = tl.load(x_rows + kk[None, :], mask=k_mask, other=0.0)
         acc = tl.dot(w, tl.trans(x), acc)
     if HAS_BIAS:
@@ -224,7 +224,7 @@ _chosen: dict[tuple, Config] = {}  # (device, dtype, bias?, M bucket, N, K) -> t
 _timings: dict[tuple, list[tuple[Config, float]]] = {}  # same key -> every candidate's median ms
 
 
-def _key(x, w, bias) -> tuple:
+def tuning_key(x, w, bias) -> tuple:
     return (str(x.device), x.dtype, bias is not None, m_bucket(x.shape[0]), w.shape[0], x.shape[1])
 
 
@@ -239,7 +239,7 @@ def choose(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, tune: bo
     cands = candidates(m, n, k, sm_count(x))
     if not tune or not x.is_cuda:
         return cands[0]
-    key = _key(x, w, bias)
+    key = tuning_key(x, w, bias)
     if key in _chosen:
         return _chosen[key]
     if torch.cuda.is_current_stream_capturing():  # cannot time now; do not remember, so a later call can
