@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zinfer.layers import gemv
 from zinfer.quant import QuantizedWeight, QuantSpec, quant_matmul, quantize
 
 
@@ -62,13 +63,13 @@ class Linear(nn.Module):
         if self.tp is not None:
             return self._row_parallel(x)
         if self.qspec is None:
-            return F.linear(x, self.weight, self.bias)
+            return gemv.linear(x, self.weight, self.bias)
         y = quant_matmul(x, self.packed)
         return y if self.bias is None else y + self.bias
 
     def _row_parallel(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in / tp] -> this rank's partial sum [..., out]; the bias must count once in the total
-        y = F.linear(x, self.weight) if self.qspec is None else quant_matmul(x, self.packed)
+        y = gemv.linear(x, self.weight) if self.qspec is None else quant_matmul(x, self.packed)
         if self.reduce_output:
             y = self.tp.all_reduce(y)
         if self.bias is not None and (self.reduce_output or self.tp.is_main):
@@ -201,4 +202,4 @@ class MergedLinears:
             return (y if self.bias is None else y + self.bias).split(self.sizes, dim=-1)
         if self.weight is None:
             return tuple(lin(x) for lin in self.linears)
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return gemv.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)

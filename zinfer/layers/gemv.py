@@ -1,0 +1,71 @@
+"""Decode-sized dense matmuls: x @ W.T (+ bias) with at most MAX_M rows of x on CUDA goes to the Triton kernels of
+triton_gemv.py, everything else to F.linear.
+
+At batch 1 a decode step is a stream of GEMVs over the weights; cuBLAS's M = 1 GEMV stopped at ~3.1 of the H200's
+4.2 TB/s, the Triton kernels aim at the copy ceiling (benchmarks/gemv.py measures both).
+
+Switch, read once at import: ZINFER_GEMV =
+  auto       (default) each (M bucket, N, K) is timed on first use against its candidates and cuBLAS;
+  heuristic  the first candidate, no timing (the same kernels on every run and machine);
+  off        always F.linear (the A/B baseline).
+The kernels run inside the custom op `torch.ops.zinfer.skinny_linear`: torch.compile keeps it as one opaque call
+(the fake implementation gives its output), and a CUDA graph captured around it records the launches it makes.
+"""
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+MAX_M = 16  # rows of x (tokens) up to which the skinny kernels run; above, the matmul is no longer a weight stream
+MODES = ("auto", "heuristic", "off")
+_ALIASES = {"1": "auto", "on": "auto", "0": "off"}
+
+
+def parse_mode(value: str | None) -> str:
+    mode = (value or "auto").strip().lower()
+    mode = _ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"ZINFER_GEMV must be one of {', '.join(MODES)} (or 1 / 0), got {value!r}")
+    return mode
+
+
+MODE = parse_mode(os.environ.get("ZINFER_GEMV"))
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@torch.library.custom_op("zinfer::skinny_linear", mutates_args=())
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tune: bool) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N]; `tune`: time the candidates on a shape's first call."""
+    from zinfer.layers import triton_gemv  # Triton is imported only when a kernel runs
+
+    return triton_gemv.linear(x, weight, bias, tune)
+
+
+@skinny_linear.register_fake
+def _(x, weight, bias, tune):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear` runs the Triton kernel for these operands (else F.linear)."""
+    if MODE == "off" or not HAVE_TRITON or not x.is_cuda or weight.device != x.device:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype or weight.dim() != 2:
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1]):
+        return False
+    (n, k), rows = weight.shape, x.numel() // max(x.shape[-1], 1)
+    if x.shape[-1] != k or n == 0 or k == 0 or not 0 < rows <= MAX_M or weight.stride(-1) != 1:
+        return False
+    grads = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    return not (grads and torch.is_grad_enabled())  # the op has no backward: training goes through F.linear
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the skinny Triton kernels where `uses_kernel` says so."""
+    if not uses_kernel(x, weight, bias):
+        return F.linear(x, weight, bias)
+    k, n = x.shape[-1], weight.shape[0]
+    return skinny_linear(x.reshape(-1, k), weight, bias, MODE == "auto").view(*x.shape[:-1], n)
