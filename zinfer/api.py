@@ -116,7 +116,7 @@ class LLM:
         self.model = load_weights(empty, weights, load_device, self.dtype)
         self.streamer = None
         if streaming:
-            key = store_key(self.model, self.source.name, self.dtype, self.options)
+            key = store_key(self.model, self.source.name, self.dtype, self.options, self.tp)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
         kv = kv_policy(self.options, self.device, self.plan)
         self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv)
