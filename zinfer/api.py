@@ -119,7 +119,8 @@ class LLM:
             key = store_key(self.model, self.source.name, self.dtype, self.options, self.tp)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
         kv = kv_policy(self.options, self.device, self.plan)
-        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv,
+                                tp=self.tp)
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
 
