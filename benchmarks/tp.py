@@ -1,13 +1,20 @@
-"""Tensor parallelism on the device: batch-1 decode of a large model at tp=N against tp=1, and greedy-token
-parity of tp=N against tp=1 on a few models.
+"""Tensor parallelism on the device, named cases, each at tp=N against tp=1:
+- parity:  greedy tokens of tp=N against tp=1 on a few models;
+- decode:  batch-1 decode of a large model in GPU memory (compiled, CUDA graph);
+- offload: every layer streamed from pinned CPU memory (the issue's workload: Llama-3-8B fp16, batch 16, prompt
+  512, 32 new tokens): each rank streams only its shard over its own PCIe link, so decode should approach N x
+  one GPU (target: >= 1.8x at tp=2). Also measures host-to-device bandwidth on every rank at once.
 
-Run on a 2-GPU machine:  torchrun --nproc-per-node 2 benchmarks/tp.py [--model llama-3-8b] [--gen 128]
+Run on a 2-GPU machine:  torchrun --nproc-per-node 2 benchmarks/tp.py [--cases parity,decode,offload]
 Smoke test on a CPU:     torchrun --nproc-per-node 2 benchmarks/tp.py --device cpu --dtype float32 \
-                             --model opt-125m --parity-models opt-125m --prompt 8 --gen 4 --repeats 1
-Writes $OUT/tp.json (or ./tp.json) from rank 0 and prints a summary. Dummy weights (the same on every rank as
-in one process); tp=1 runs on rank 0 while the other ranks wait. Parity runs eagerly (no compile: quick loads)
-in float32 and bfloat16 (a row-parallel layer sums in another order than one GEMM, which can flip a near-tie:
-the equal prefix is reported); the timed runs (compiled, CUDA graph) compare their tokens too.
+                             --model opt-125m --parity-models opt-125m --batch 2 --prompt 8 --gen 4 --repeats 1 \
+                             --offload nvme
+(on a CPU offload='cpu' streams nothing: the weights already live in host memory; 'nvme' streams every layer)
+For each case rank 0 prints one JSON line ({"bench": "tp", "case": ...}) and writes $OUT/tp_<case>.json (or
+./tp_<case>.json). Dummy weights (the same on every rank as in one process); tp=1 runs on rank 0 while the other
+ranks wait. Parity runs eagerly (no compile: quick loads) in float32 and bfloat16 (a row-parallel layer sums in
+another order than one GEMM, which can flip a near-tie: the equal prefix is reported); the timed runs compare
+their tokens too.
 """
 
 import argparse
@@ -15,6 +22,7 @@ import gc
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -24,6 +32,8 @@ import zinfer
 from zinfer.bench.ceilings import get_ceilings
 from zinfer.parallel import setup
 from zinfer.parallel.launch import fail_fast
+
+OFFLOAD_TARGET = 1.8  # decode speedup of offloaded tp=2 over one GPU the issue asks for
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -63,17 +73,23 @@ def weight_bytes_per_step(llm) -> int:
     return total - embed.numel() * embed.element_size()
 
 
-def decode(llm, gen: int, prompt: int, repeats: int) -> dict:
-    ids = prompts(1, prompt, llm.config.vocab_size)
+def decode(llm, batch: int, gen: int, prompt: int, repeats: int, warmup_gen: int | None = None) -> dict:
+    """Median decode step over `repeats` requests after a warm-up one (of `warmup_gen` tokens, default `gen`).
+    Throughputs as run_generation's: prefill B·P/prefill, decode B·(G-1)/decode = B/step, total B·G/total."""
+    ids = prompts(batch, prompt, llm.config.vocab_size)
     params = zinfer.SamplingParams(max_new_tokens=gen, ignore_eos=True)
-    llm.generate(ids, params)  # warm-up: compile, graph capture, NCCL communicators
-    steps = []
+    warm = zinfer.SamplingParams(max_new_tokens=warmup_gen or gen, ignore_eos=True)
+    llm.generate(ids, warm)  # warm-up: compile, graph capture, NCCL communicators, cache allocation
+    runs = []
     for _ in range(repeats):
-        tokens = llm.generate(ids, params)[0].token_ids
+        tokens = [c.token_ids for c in llm.generate(ids, params)]
         t = llm.last_timings
-        steps.append((t.total - t.prefill) / (gen - 1))
-    step = statistics.median(steps)
-    return dict(decode_step_ms=step * 1e3, decode_tok_s=1 / step, prefill_ms=llm.last_timings.prefill * 1e3,
+        runs.append((t.prefill, t.total))
+    prefill = statistics.median(r[0] for r in runs)
+    total = statistics.median(r[1] for r in runs)
+    step = statistics.median((r[1] - r[0]) / (gen - 1) for r in runs)
+    return dict(decode_step_ms=step * 1e3, decode_tok_s=batch / step, prefill_ms=prefill * 1e3,
+                prefill_tok_s=batch * prompt / prefill, total_tok_s=batch * gen / total,
                 weight_gib_per_rank=weight_bytes_per_step(llm) / 2**30,
                 peak_gib=peak_gib(str(llm.device.type)), tokens=tokens)
 
@@ -84,7 +100,7 @@ def speed_case(args, tp: int) -> dict:
     for compile in (None, False):
         try:
             llm, load_s = load(args.model, tp, args.dtype, compile, args.device)
-            out.update(decode(llm, args.gen, args.prompt, args.repeats), load_s=load_s,
+            out.update(decode(llm, args.batch, args.gen, args.prompt, args.repeats), load_s=load_s,
                        mode="auto (compiled + CUDA graph on a GPU)" if compile is None else "eager")
             free(llm)
             return out
@@ -114,54 +130,151 @@ def on_rank0(fn, rank: int):
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-3-8b", help="built-in config for the timing (dummy bf16)")
-    p.add_argument("--parity-models", default="opt-125m,bloom-560m,llama-3-8b",
-                   help="built-in configs for token parity (heads must split over the ranks)")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--gen", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16", help="of the timed runs")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of this script")
-    args = p.parse_args()
-    world = int(os.environ["WORLD_SIZE"])
-    cuda = args.device == "cuda"
-    tp = setup(world, torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu"))
-    result = dict(model=args.model, tp=world, device=torch.cuda.get_device_name() if cuda else "cpu",
-                  dtype=args.dtype, prompt=args.prompt, gen=args.gen)
-
+def parity_case(args, tp) -> dict:
     parity = {}
     for model in args.parity_models.split(","):
         for dtype in ("float32", "bfloat16"):
-            many = parity_tokens(model, world, dtype, 32, args.device)
+            many = parity_tokens(model, tp.size, dtype, 32, args.device)
             one = on_rank0(lambda m=model, d=dtype: parity_tokens(m, 1, d, 32, args.device), tp.rank)
             if tp.is_main:
                 parity[f"{model} {dtype}"] = agreement(many, one)
-    result["parity"] = parity
+    return dict(parity=parity, all_identical=all(p["identical"] for p in parity.values()))
 
-    result[f"tp{world}"] = speed_case(args, world)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    result["tp1"] = on_rank0(lambda: speed_case(args, 1), tp.rank)
-    if not tp.is_main:
-        return
-    ceil = get_ceilings(args.device)
-    for key in ("tp1", f"tp{world}"):
+
+def floors(result: dict, keys: list[str], bytes_key: str, rate: float | None) -> None:
+    """Add each run's floor (its bytes at `rate` per step) and achieved / floor."""
+    for key in keys:
         r = result[key]
-        if "decode_step_ms" in r:
-            floor_ms = r["weight_gib_per_rank"] * 2**30 / ceil["device_copy_bytes_per_s"] * 1e3
-            r.update(floor_step_ms=floor_ms, step_over_floor=r["decode_step_ms"] / floor_ms)
+        if "decode_step_ms" in r and rate:
+            floor_ms = r[bytes_key] * 2**30 / rate * 1e3
+            r.update(floor_step_ms=floor_ms, step_over_floor=r["decode_step_ms"] / floor_ms if floor_ms else None)
+
+
+def compare(result: dict, world: int) -> None:
+    """Speedups of tp=N over tp=1 and whether their tokens agree."""
     one, many = result["tp1"], result[f"tp{world}"]
     if "decode_step_ms" in one and "decode_step_ms" in many:
         result["speedup"] = one["decode_step_ms"] / many["decode_step_ms"]
-        result["timed_tokens"] = agreement([many.pop("tokens")], [one.pop("tokens")])
-    result["ceilings"] = ceil
-    path = os.path.join(os.environ.get("OUT", "."), "tp.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "ceilings"}, indent=1))
-    print(f"wrote {path}")
+        result["prefill_speedup"] = one["prefill_ms"] / many["prefill_ms"]
+        result["tokens"] = agreement(many.pop("tokens"), one.pop("tokens"))
+
+
+def decode_case(args, tp) -> dict:
+    result = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt=args.prompt, gen=args.gen)
+    result[f"tp{tp.size}"] = speed_case(args, tp.size)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result["tp1"] = on_rank0(lambda: speed_case(args, 1), tp.rank)
+    if not tp.is_main:
+        return {}
+    ceil = get_ceilings(args.device)
+    floors(result, ["tp1", f"tp{tp.size}"], "weight_gib_per_rank", ceil["device_copy_bytes_per_s"])
+    compare(result, tp.size)
+    return dict(result, ceilings=ceil)
+
+
+def offload_run(args, tp: int, offload_dir: str) -> dict:
+    """The offload workload at `tp`: every layer streamed (offload='cpu': pinned host memory, the default)."""
+    sync(args.device)
+    start = time.perf_counter()
+    llm = zinfer.LLM(args.model, dummy=True, seed=0, dtype=args.dtype, device=args.device, tp=tp,
+                     offload=args.offload, offload_dir=offload_dir)
+    sync(args.device)
+    load_s = time.perf_counter() - start
+    # streamed steps take long: a short warm-up request (cache allocation, NCCL communicators) is enough
+    out = decode(llm, args.batch, args.gen, args.prompt, args.repeats, warmup_gen=2)
+    del out["weight_gib_per_rank"]  # only the resident weights: the streamed ones are counted below
+    streamed = sum(u.nbytes for u in llm.plan.streamed) if llm.plan is not None else 0
+    out.update(load_s=load_s, streamed_gib_per_rank=streamed / 2**30,
+               resident_layers=sum(1 for u in llm.plan.units[1:] if u.place == "gpu") if llm.plan else None)
+    if llm.streamer is not None:
+        llm.streamer.close()
+    free(llm)
+    return out
+
+
+def h2d_together(tp, device: str, nbytes: int = 1 << 30, repeats: int = 5) -> dict | None:
+    """Pinned host-to-device GB/s of every rank copying at once (one PCIe link each, or a shared one?)."""
+    if device != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    rate = repeats * nbytes / (time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    rates = tp.all_gather_object(rate)
+    return dict(per_rank_gb_s=[r / 1e9 for r in rates], sum_gb_s=sum(rates) / 1e9)
+
+
+def offload_case(args, tp) -> dict:
+    offload_dir = args.offload_dir or os.path.join(tempfile.gettempdir(), "zinfer-tp-offload")
+    result = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt=args.prompt, gen=args.gen,
+                  offload=args.offload, target_speedup=OFFLOAD_TARGET)
+    result[f"tp{tp.size}"] = offload_run(args, tp.size, offload_dir)
+    result["h2d_all_ranks_at_once"] = h2d_together(tp, args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result["tp1"] = on_rank0(lambda: offload_run(args, 1, offload_dir), tp.rank)
+    if not tp.is_main:
+        return {}
+    ceil = get_ceilings(args.device)
+    floors(result, ["tp1", f"tp{tp.size}"], "streamed_gib_per_rank", ceil.get("h2d_pinned_bytes_per_s"))
+    compare(result, tp.size)
+    if "speedup" in result:
+        result["target_met"] = result["speedup"] >= OFFLOAD_TARGET
+    return dict(result, ceilings=ceil)
+
+
+CASES = {"parity": parity_case, "decode": decode_case, "offload": offload_case}
+# per case: (batch, prompt, gen, dtype) unless given on the command line
+DEFAULTS = {"parity": (None, None, None, None), "decode": (1, 128, 128, "bfloat16"),
+            "offload": (16, 512, 32, "float16")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="parity,decode,offload", help=f"comma-separated, of {', '.join(CASES)}")
+    p.add_argument("--model", default="llama-3-8b", help="built-in config of the timed cases (dummy weights)")
+    p.add_argument("--parity-models", default="opt-125m,bloom-560m,llama-3-8b",
+                   help="built-in configs for token parity (heads must split over the ranks)")
+    p.add_argument("--batch", type=int, help="of the timed cases (default: decode 1, offload 16)")
+    p.add_argument("--prompt", type=int, help="prompt tokens (default: decode 128, offload 512)")
+    p.add_argument("--gen", type=int, help="new tokens (default: decode 128, offload 32)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", help="of the timed cases (default: decode bfloat16, offload float16)")
+    p.add_argument("--offload", default="cpu", choices=("cpu", "nvme"), help="where the offload case streams from")
+    p.add_argument("--offload-dir", help="NVMe store directory of --offload nvme (default: a temp dir)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of this script")
+    args = p.parse_args()
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}: use {', '.join(CASES)}")
+    world = int(os.environ["WORLD_SIZE"])
+    cuda = args.device == "cuda"
+    tp = setup(world, torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu"))
+    head = dict(bench="tp", tp=world, device=torch.cuda.get_device_name() if cuda else "cpu")
+    for name in cases:
+        case_args = argparse.Namespace(**vars(args))
+        for field, default in zip(("batch", "prompt", "gen", "dtype"), DEFAULTS[name]):
+            if getattr(case_args, field) is None:
+                setattr(case_args, field, default)
+        result = CASES[name](case_args, tp)
+        if not tp.is_main:
+            continue
+        result = dict(head, case=name, **result)
+        path = os.path.join(os.environ.get("OUT", "."), f"tp_{name}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps({k: v for k, v in result.items() if k != "ceilings"}), flush=True)
+        print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

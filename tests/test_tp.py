@@ -228,8 +228,6 @@ def test_tp_outside_a_launcher_is_refused(checkpoints, monkeypatch):
     with pytest.raises(InputError, match=r"tp=2 runs one process per rank: start them with `torchrun "
                                          r"--nproc-per-node 2 your_script.py` .* `zinfer generate --nproc 2"):
         zinfer.LLM(checkpoints["llama"], device="cpu", tp=2)
-    with pytest.raises(InputError, match="tp=2 with offload='cpu' is not supported yet"):
-        zinfer.LLM(checkpoints["llama"], device="cpu", tp=2, offload="cpu")
 
 
 def test_cli_tp_and_nproc_must_agree(capsys):

@@ -93,7 +93,6 @@ class LLM:
                              "(see README: Not supported yet)")
         self.device = resolve_device(device)
         if self.options.tp > 1:
-            self._check_tp()
             self.device = rank_device(self.device)
         # tp > 1: one process per rank (torchrun); torch.distributed is initialised here if it is not yet
         self.tp = setup_tensor_parallel(self.options.tp, self.device)
@@ -105,6 +104,7 @@ class LLM:
         self.quant = self._quant_spec()
         if self.quant is not None:
             quantize_shells(empty, self.quant, self.dtype)
+        # under tp each rank plans, holds and streams only its shard, against its own GPU's memory
         self.plan = make_plan(empty, self.options, self.device, self.dtype) if self.options.offload != "none" else None
         streaming = self.plan is not None and bool(self.plan.streamed)
         # streamed models are read into host memory first, then each unit goes to its planned home
@@ -116,17 +116,13 @@ class LLM:
         self.model = load_weights(empty, weights, load_device, self.dtype)
         self.streamer = None
         if streaming:
-            key = store_key(self.model, self.source.name, self.dtype, self.options)
+            key = store_key(self.model, self.source.name, self.dtype, self.options, self.tp)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
         kv = kv_policy(self.options, self.device, self.plan)
-        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv)
+        self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv,
+                                tp=self.tp)
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
-
-    def _check_tp(self) -> None:
-        if self.options.offload != "none":
-            raise InputError(f"tp={self.options.tp} with offload={self.options.offload!r} is not supported yet: "
-                             "tensor parallelism keeps each rank's weights on its device; drop one of them")
 
     def _quant_spec(self) -> QuantSpec | None:
         """From quant_bits/quant_group_size, or the spec saved beside a quantized checkpoint."""

@@ -27,8 +27,8 @@ def parse_bytes(value: int | str | None) -> int | None:
 class EngineConfig:
     offload: str = "none"  # none | cpu | nvme | auto: where weights that do not stay on the GPU live
     offload_dir: str | None = None  # NVMe store directory
-    gpu_memory: int | None = None  # bytes the weights may use on the GPU (None: free memory minus reserve)
-    cpu_memory: int | None = None  # bytes of host memory for offloaded weights
+    gpu_memory: int | None = None  # bytes the weights may use on the GPU (None: free memory minus reserve); per rank
+    cpu_memory: int | None = None  # bytes of host memory for offloaded weights; per rank (each holds its shard)
     pin_memory: bool = True
     quant_bits: int = 16  # 4 | 8 | 16 (= off)
     quant_group_size: int = 64

@@ -9,13 +9,20 @@ from torch import nn
 from zinfer.config import EngineConfig
 from zinfer.offload.plan import GPU, NVME, Plan
 from zinfer.offload.streamer import WeightStreamer, nvme_units
+from zinfer.parallel import SINGLE, TensorParallel
 
 
-def store_key(model: nn.Module, source_name: str, dtype: torch.dtype, options: EngineConfig) -> dict:
-    """What the bytes in an NVMe store depend on: a store made for anything else is never reused."""
+def store_key(model: nn.Module, source_name: str, dtype: torch.dtype, options: EngineConfig,
+              tp: TensorParallel = SINGLE) -> dict:
+    """What the bytes in an NVMe store depend on: a store made for anything else is never reused. Under tensor
+    parallelism each rank stores only its shard, so the key names the rank and the group size: ranks sharing
+    an offload_dir get one store each and never read or replace another's."""
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    return {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16],
-            "dtype": str(dtype), "quant_bits": options.quant_bits, "quant_group_size": options.quant_group_size}
+    key = {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+           "dtype": str(dtype), "quant_bits": options.quant_bits, "quant_group_size": options.quant_group_size}
+    if tp.size > 1:  # one process keeps the key it always had: its existing stores stay valid
+        key.update(tp_size=tp.size, tp_rank=tp.rank)
+    return key
 
 
 def stream(model: nn.Module, plan: Plan, options: EngineConfig, device: torch.device, key: dict,

@@ -52,10 +52,15 @@ class TensorParallel:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        values = [None] * self.size
+        dist.all_gather_object(values, obj)
+        return values
+
     def check_agree(self, value, what: str) -> None:
         """Fail on every rank if the ranks hold different `value`s (they must step in lockstep)."""
-        values = [None] * self.size
-        dist.all_gather_object(values, value)
+        values = self.all_gather_object(value)
         if any(v != values[0] for v in values):
             bad = [r for r, v in enumerate(values) if v != values[0]]
             raise RuntimeError(f"tensor-parallel ranks disagree on {what}: rank(s) {bad} differ from rank 0")

@@ -5,6 +5,7 @@ first step can be replayed for every later one (and for later requests of the sa
 Without a graph (CPU, or `compile=False`) the very same function runs eagerly: same tokens.
 """
 
+import socket
 import time
 
 import torch
@@ -14,6 +15,7 @@ from zinfer.kv import DEVICE_BUCKET, cache_len
 from zinfer.kv.cache import KVCache
 from zinfer.models.base import CausalLM
 from zinfer.offload import plan
+from zinfer.parallel import SINGLE, TensorParallel
 from zinfer.runtime.batch import PaddedBatch
 
 LENGTH_BUCKET = DEVICE_BUCKET  # cache lengths round up to this, so nearby requests reuse one graph
@@ -102,9 +104,22 @@ def check_fits(model: CausalLM, batch_size: int, max_len: int, dtype, device, re
                          "max_new_tokens")
 
 
-def check_host_fits(nbytes: int, releasable: int = 0) -> None:
-    """Refuse an offloaded KV cache larger than the host memory available, with the numbers."""
-    free = plan.free_host_bytes() + releasable
-    if nbytes > plan.HOST_FILL * free:
-        raise InputError(f"the offloaded KV cache needs {nbytes / 2**30:.2f} GiB of host memory but "
-                         f"{free / 2**30:.2f} GiB is available; lower the batch size or max_new_tokens")
+def check_host_fits(nbytes: int, releasable: int = 0, tp: TensorParallel = SINGLE) -> None:
+    """Refuse an offloaded KV cache larger than the host memory available, with the numbers.
+
+    Tensor-parallel ranks on one machine share its memory, each caching its own heads: every rank reports
+    (machine, its cache, free memory, its releasable cache) before any of them allocates (the gather waits for
+    all), the caches of a machine's ranks are summed, and every rank refuses together if any machine lacks
+    room (no rank is left waiting in a collective)."""
+    free = plan.free_host_bytes()
+    if tp.size == 1:
+        reports = [("", nbytes, free, releasable)]
+    else:
+        reports = tp.all_gather_object((socket.gethostname(), nbytes, free, releasable))
+    for host in dict.fromkeys(r[0] for r in reports):
+        mine = [r for r in reports if r[0] == host]
+        need, available = sum(r[1] for r in mine), min(r[2] for r in mine) + sum(r[3] for r in mine)
+        if need > plan.HOST_FILL * available:
+            ranks = f" ({len(mine)} tensor-parallel ranks on {host}, each caching its heads)" if tp.size > 1 else ""
+            raise InputError(f"the offloaded KV cache needs {need / 2**30:.2f} GiB of host memory{ranks} but "
+                             f"{available / 2**30:.2f} GiB is available; lower the batch size or max_new_tokens")

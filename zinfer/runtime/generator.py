@@ -17,6 +17,7 @@ from zinfer.kv.cache import KVCache
 from zinfer.kv.offloaded import offloaded_cache
 from zinfer.models.base import CausalLM
 from zinfer.offload.plan import KVChoice, KVPolicy, kv_shape
+from zinfer.parallel import SINGLE, TensorParallel
 from zinfer.runtime.batch import PaddedBatch
 from zinfer.runtime.decode import DecodeState, check_fits, check_host_fits
 from zinfer.runtime.sampling import SamplingParams, next_tokens
@@ -53,11 +54,12 @@ def sync(device: torch.device) -> None:
 class Generator:
     """Runs prompts through a model. `compile` (None = auto: on CUDA only) compiles the decode step with
     torch.compile; on CUDA the step is also replayed as a CUDA graph. `kv`: where the KV cache lives (None: on
-    the device); an offloaded cache runs the step eagerly."""
+    the device); an offloaded cache runs the step eagerly. `tp`: the tensor-parallel group the model was built for
+    (its ranks on one machine share the host memory an offloaded cache takes)."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, compile: bool | None = None,
-                 kv: KVPolicy | None = None):
-        self.model, self.device, self.dtype = model, device, dtype
+                 kv: KVPolicy | None = None, tp: TensorParallel = SINGLE):
+        self.model, self.device, self.dtype, self.tp = model, device, dtype, tp
         self.kv = kv or KVPolicy()
         cuda = device.type == "cuda"
         self.use_graph = cuda and compile is not False and not self.kv.offload
@@ -106,7 +108,7 @@ class Generator:
             check_fits(m, batch_size, max_len, self.dtype, self.device, releasable=old.device_bytes if old else 0,
                        layers=2)
         host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
-        check_host_fits(host, releasable=old.host_bytes if old else 0)
+        check_host_fits(host, releasable=old.host_bytes if old else 0, tp=self.tp)
         log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
         return choice
 
