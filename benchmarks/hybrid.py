@@ -7,7 +7,7 @@ Writes $OUT/hybrid.json (or ./hybrid.json). Random weights; greedy, exactly `gen
 Smoke run on a CPU:  python benchmarks/hybrid.py --device cpu --model smollm2-135m --batch 2 --prompt 8 --gen 4
 
 Tensor-parallel generation inside a distributed trainer (the training model FSDP2-sharded over all ranks):
-    torchrun --nproc-per-node 2 benchmarks/hybrid.py --inference-tp-size 2 [--compare-json hybrid.json]
+    torchrun --nproc-per-node 2 benchmarks/hybrid.py --inference-tp-size 2 [--compare-json hybrid.json] [--eager]
 Each rank holds `batch` prompts of its own (data parallel, seeded by rank). Runs, one after the other on the
 same sharded model: `tp{N}-own-prompts` (each group generates all its ranks' prompts in one batch),
 `tp{N}-same-prompts` (every rank passes the same prompts: one batch of `batch` rows over N GPUs, the figure to
@@ -92,11 +92,11 @@ class Memory:
 
 
 def run_engine(model, case, cycles: int, training_bytes: int, mem: Memory, inference_tp_size: int = 1,
-               prompt_seed: int = 0, label: str = "zinfer", show: bool = True):
+               prompt_seed: int = 0, label: str = "zinfer", show: bool = True, compile: bool | None = None):
     """RLHF iterations: eval() (the switch) -> generate -> train(); the first one compiles and captures.
     `training_bytes`: GPU memory of the training model alone, to show what eval() adds. `gather_s` of an
     iteration (FSDP2 all-gathers, inside eval) is known when the next eval() closes it."""
-    engine = HybridEngine(model, inference_tp_size=inference_tp_size)
+    engine = HybridEngine(model, inference_tp_size=inference_tp_size, compile=compile)
     ids, mask = workload(case, model.config.vocab_size, engine.device, prompt_seed)
     new = case["gen"]
     runs, tokens = [], None
@@ -172,6 +172,7 @@ def main():
                     help="> 1: under torchrun, FSDP2-shard the training model over all ranks and generate with "
                          "tensor parallelism over groups of this many ranks")
     ap.add_argument("--no-tp1", action="store_true", help="distributed: skip the inference_tp_size=1 run")
+    ap.add_argument("--eager", action="store_true", help="decode without torch.compile and CUDA graphs")
     ap.add_argument("--compare-json", help="distributed: a single-GPU hybrid.json to set beside the results")
     for key in ("model", "batch", "prompt", "gen", "rank"):  # overrides of the cases (smoke runs)
         ap.add_argument(f"--{key}", type=str if key == "model" else int)
@@ -190,7 +191,8 @@ def main():
         mem.sync()
         training_bytes = mem.allocated()
         r = dict(case=case, build_s=time.perf_counter() - t, training_model_gib=gib(training_bytes))
-        r["zinfer"], ours = run_engine(model, case, args.cycles, training_bytes, mem)
+        r["zinfer"], ours = run_engine(model, case, args.cycles, training_bytes, mem,
+                                       compile=False if args.eager else None)
         if not args.no_peer:
             r["peft_generate"], theirs = run_peer(model, case, mem)
             r["speedup_vs_peft_generate"] = r["peft_generate"]["generate_s"] / r["zinfer"]["generate_s"]
@@ -238,7 +240,7 @@ def main_distributed(args):
     main_rank = rank == 0
     mem = Memory(device)
     results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   torch=torch.__version__, world_size=world, inference_tp_size=tp, cases={})
+                   torch=torch.__version__, world_size=world, inference_tp_size=tp, eager=args.eager, cases={})
     # (label, inference_tp_size, prompts seeded by rank?)
     runs = [(f"tp{tp}-own-prompts", tp, True), (f"tp{tp}-same-prompts", tp, False)]
     if not args.no_tp1 and tp > 1:
@@ -254,7 +256,8 @@ def main_distributed(args):
         tokens = {}
         for label, size, own in runs:
             r[label], tokens[label] = run_engine(model, case, args.cycles, training_bytes, mem, size,
-                                                 prompt_seed=rank if own else 0, label=label, show=main_rank)
+                                                 prompt_seed=rank if own else 0, label=label, show=main_rank,
+                                                 compile=False if args.eager else None)
             gc.collect()  # the finished engine's decode state (CUDA graph pool) before the next one captures
             if device.type == "cuda":
                 torch.cuda.empty_cache()
