@@ -52,15 +52,21 @@ def make_checkpoint(kind: str, directory, seed: int = 0):
     return model
 
 
-def hf_greedy(model, prompts, new_tokens: int, pad_id: int = 0, device="cpu"):
-    """transformers' greedy `generate` on a left-padded batch; returns the new tokens per row."""
+def left_padded(prompts, pad_id: int = 0, device="cpu"):
+    """Token lists -> ([B, P] ids, [B, P] mask of real tokens), padded on the left as for generation."""
     p = max(len(x) for x in prompts)
     ids = torch.full((len(prompts), p), pad_id)
     mask = torch.zeros(len(prompts), p, dtype=torch.long)
     for i, x in enumerate(prompts):
         ids[i, p - len(x):] = torch.tensor(x)
         mask[i, p - len(x):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    return ids.to(device), mask.to(device)
+
+
+def hf_greedy(model, prompts, new_tokens: int, pad_id: int = 0, device="cpu"):
+    """transformers' greedy `generate` on a left-padded batch; returns the new tokens per row."""
+    ids, mask = left_padded(prompts, pad_id, device)
+    p = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=pad_id)
     return out[:, p:].tolist(), (ids, mask)

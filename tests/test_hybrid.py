@@ -18,6 +18,7 @@ from zinfer.errors import InputError, UnsupportedModelError
 from zinfer.hybrid import HybridEngine
 
 peft = pytest.importorskip("peft")
+REPO = Path(__file__).resolve().parents[1]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {  # config kind -> LoraConfig keywords: every projection type peft targets in the family
@@ -163,6 +164,23 @@ def test_kept_cache_is_reused_and_weights_follow_training():
     assert engine.generator.state is state  # OPT has no fused buffers: every weight stayed in place
 
 
+def test_kept_weights_are_never_written_into_training_weights():
+    # without release_cache the inference model keeps its tensors; q_proj is first the training weight itself
+    # (adapter disabled), then a fused one: the second load must re-point it, not copy into the training weight
+    model = with_lora(tiny("opt"), "opt", target_modules=["q_proj"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = HybridEngine(model, release_cache=False)
+    _, (ids, mask) = hf_greedy(model, PROMPTS, 1)
+    with model.disable_adapter():
+        engine_new_tokens(engine, ids, mask)
+        engine.train()
+    model.eval()
+    expected, _ = hf_greedy(model, PROMPTS, NEW)
+    assert engine_new_tokens(engine, ids, mask) == expected
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_disabled_merged_and_switched_adapters_follow_peft():
     model = with_lora(tiny("opt"), "opt")
     model.add_adapter("other", peft.LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "fc2"]))
@@ -256,10 +274,13 @@ def test_non_lora_adapters_and_dora_are_refused():
         HybridEngine(dora)
 
 
-def test_tensor_parallel_inference_is_refused():
-    with pytest.raises(NotImplementedError, match=r"inference_tp_size=2: tensor-parallel generation is not "
-                                                  r"implemented in zinfer yet \(it comes with the tensor parallelism"):
+def test_tensor_parallel_needs_a_distributed_job():
+    with pytest.raises(InputError, match=r"inference_tp_size=2 splits the model over 2 processes of a "
+                                         r"torch.distributed job, but torch.distributed is not initialised: start "
+                                         r"the job with `torchrun --nproc-per-node 2` \(or a multiple of 2\)"):
         HybridEngine(tiny("opt"), inference_tp_size=2)
+    with pytest.raises(InputError, match=r"inference_tp_size=0: the number of ranks must be at least 1"):
+        HybridEngine(tiny("opt"), inference_tp_size=0)
 
 
 def test_generate_errors():
@@ -325,6 +346,12 @@ if __name__ == "__main__":
 '''
 
 
+def subprocess_env() -> dict:
+    # this checkout's zinfer, not whichever one is installed
+    return dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -335,7 +362,7 @@ def test_fsdp2_two_processes_generate_what_one_does(tmp_path):
     script = tmp_path / "fsdp_hybrid.py"
     script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     out = tmp_path / "tokens.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), str(script), str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -347,3 +374,205 @@ def test_fsdp2_two_processes_generate_what_one_does(tmp_path):
     tokens, _ = single.run(single.build())
     assert sharded["tokens"] == tokens
     assert sharded["timings"]["gather_s"] > 0  # the shards were gathered, and timed
+
+
+# --- inference tensor parallelism over gloo processes ------------------------------------------------------------
+
+# Rank r's own prompts in the data-parallel case: different counts and lengths on every rank.
+RANK_PROMPTS = [PROMPTS[:2], [PROMPTS[2], [9, 4, 150, 33, 21, 8, 7, 60, 5]], [PROMPTS[1]], [[7, 7, 9], *PROMPTS]]
+TP_KINDS = {"llama-same-prompts": "llama-gqa-tied", "opt-own-prompts": "opt", "bloom-own-prompts": "bloom"}
+
+TP_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as dist
+import transformers
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, {tests!r})
+from test_hybrid import NEW, PROMPTS, RANK_PROMPTS, TP_KINDS, tensor_count, rank_prompts, sgd_steps, tiny, with_lora
+from helpers import left_padded
+from zinfer.errors import InputError
+from zinfer.hybrid import HybridEngine
+
+TP = 2
+
+
+def decoder_layers(base):
+    return {{"llama": lambda: base.model.layers, "opt": lambda: base.model.decoder.layers,
+            "bloom": lambda: base.transformer.h}}[base.config.model_type]()
+
+
+def local(model):
+    """This rank's training tensors (its FSDP2 shards), copied."""
+    return {{n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in model.named_parameters()}}
+
+
+def fsdp_case(case, rank):
+    """Two RLHF iterations (SGD step on the FSDP2-sharded LoRA model -> eval -> generate), then three switch
+    cycles without training: the training tensors must come out of them bitwise equal, memory flat."""
+    kind = TP_KINDS[case]
+    model = with_lora(tiny(kind), kind)
+    for layer in decoder_layers(model.get_base_model()):
+        fully_shard(layer)
+    fully_shard(model)
+    engine = HybridEngine(model, inference_tp_size=TP)
+    ids, mask = left_padded(rank_prompts(case, rank))
+    tokens = []
+    for seed in (1, 2):
+        engine.train()
+        sgd_steps(model, steps=1, seed=seed)
+        engine.eval()
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW)
+        assert torch.equal(out[:, :ids.shape[1]], ids)
+        tokens.append(out[:, ids.shape[1]:].tolist())
+    engine.train()
+    before, counts = local(model), []
+    for _ in range(3):
+        engine.eval()
+        engine.generate(ids, attention_mask=mask, max_new_tokens=2)
+        engine.train()
+        counts.append(tensor_count())
+    after = local(model)
+    return dict(tokens=tokens, unchanged=all(torch.equal(after[n], t) for n, t in before.items()), counts=counts,
+                released=all(p.is_meta for p in engine.inference_model.parameters()),
+                gather_s=engine.timings["gather_s"])
+
+
+def shared_case(rank):
+    """A model every rank holds whole (no FSDP): blocks that are row slices of a training tensor are views of
+    it, column blocks are copies, replicated tensors are the training tensors; generating through the views
+    leaves the training tensors bitwise equal."""
+    model = with_lora(tiny("opt"), "opt", target_modules=["q_proj"])
+    before = local(model)
+    engine = HybridEngine(model, inference_tp_size=TP).eval()
+    live, ours = dict(model.get_base_model().named_parameters()), dict(engine.inference_model.named_parameters())
+    fc1, fc1_bias = "model.decoder.layers.0.fc1.weight", "model.decoder.layers.0.fc1.bias"
+    fc2, emb = "model.decoder.layers.1.fc2.weight", "model.decoder.embed_tokens.weight"
+    q = "model.decoder.layers.0.self_attn.q_proj.weight"
+    rows, cols = ours[fc1].shape[0], ours[fc2].shape[1]
+    fc1_offset = rank * rows * live[fc1].stride(0) * live[fc1].element_size()
+    ids, mask = left_padded(PROMPTS)
+    torch.manual_seed(rank)  # the ranks' global generators differ: the group samples with rank 0's draw
+    sampled = engine.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, temperature=0.8).tolist()
+    try:
+        engine.generate(ids, attention_mask=mask, max_new_tokens=2 + rank)
+        mismatch = None
+    except InputError as e:
+        mismatch = str(e)
+    checks = dict(
+        fc1_view=ours[fc1].data_ptr() == live[fc1].data_ptr() + fc1_offset
+        and torch.equal(ours[fc1], live[fc1][rank * rows:(rank + 1) * rows]),
+        fc1_bias_view=ours[fc1_bias].untyped_storage().data_ptr() == live[fc1_bias].untyped_storage().data_ptr(),
+        fc2_copy=ours[fc2].untyped_storage().data_ptr() != live[fc2].untyped_storage().data_ptr()
+        and torch.equal(ours[fc2], live[fc2][:, rank * cols:(rank + 1) * cols]),
+        embedding_shared=ours[emb].data_ptr() == live[emb].data_ptr(),
+        lora_block_owned=ours[q].untyped_storage().nbytes() == ours[q].nbytes)
+    engine.train()
+    after = local(model)
+    checks["unchanged"] = all(torch.equal(after[n], t) for n, t in before.items())
+    return dict(checks, sampled=sampled, mismatch=mismatch)
+
+
+def errors():
+    found = []
+    odd = transformers.LlamaConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_attention_heads=3,
+                                   num_key_value_heads=3, intermediate_size=32)
+    for make, size in ((lambda: tiny("opt"), 3), (lambda: transformers.LlamaForCausalLM(odd), TP)):
+        try:
+            HybridEngine(make(), inference_tp_size=size)
+            found.append(None)
+        except InputError as e:
+            found.append(str(e))
+    return found
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = {{}}
+    for case in sys.argv[2].split(","):
+        if case == "shared":
+            result[case] = shared_case(rank)
+        elif case == "errors":
+            result[case] = errors()
+        else:
+            result[case] = fsdp_case(case, rank)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, result)
+    if rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(everyone, f)
+    dist.destroy_process_group()
+'''
+
+
+def rank_prompts(case: str, rank: int):
+    return PROMPTS if case.startswith("llama-same") else RANK_PROMPTS[rank]
+
+
+def launch_tp(tmp_path, nproc: int, cases: list[str]) -> list[dict]:
+    """TP_SCRIPT over `nproc` gloo ranks; every rank's results."""
+    script = tmp_path / "tp_hybrid.py"
+    script.write_text(TP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / f"tp-{nproc}.json"
+    env = subprocess_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), str(script), str(out), ",".join(cases)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    ranks = "\n".join(line for line in done.stderr.splitlines() if line.startswith("[rank"))  # their tracebacks
+    assert done.returncode == 0, ranks[-6000:] or done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def expected_tokens(case: str, ranks: int) -> list:
+    """[rank][iteration] new tokens of peft's generate on the unsharded model after each SGD step, checked
+    against HybridEngine with inference_tp_size=1 on the same model."""
+    kind = TP_KINDS[case]
+    model = with_lora(tiny(kind), kind)
+    engine = HybridEngine(model)
+    want = [[] for _ in range(ranks)]
+    for seed in (1, 2):
+        engine.train()
+        sgd_steps(model, steps=1, seed=seed)
+        for rank in range(ranks):
+            model.eval()
+            tokens, (ids, mask) = hf_greedy(model, rank_prompts(case, rank), NEW)
+            assert engine_new_tokens(engine, ids, mask) == tokens, (case, rank, seed)
+            want[rank].append(tokens)
+    return want
+
+
+def check_fsdp_case(got: list[dict], case: str):
+    want = expected_tokens(case, len(got))
+    for rank, result in enumerate(got):
+        r = result[case]
+        assert r["tokens"] == want[rank], f"{case}: rank {rank}"
+        assert r["unchanged"] and r["released"], (case, rank)
+        assert r["counts"][-1] == r["counts"][0], (case, rank, r["counts"])
+        assert r["gather_s"] > 0
+
+
+def test_inference_tp2_over_fsdp2_ranks_generates_what_peft_does(tmp_path):
+    got = launch_tp(tmp_path, 2, ["llama-same-prompts", "opt-own-prompts", "shared", "errors"])
+    for case in ("llama-same-prompts", "opt-own-prompts"):
+        check_fsdp_case(got, case)
+    assert got[0]["llama-same-prompts"]["tokens"] == got[1]["llama-same-prompts"]["tokens"]
+    shared = [result.pop("shared") for result in got]
+    assert shared[0]["sampled"] == shared[1]["sampled"]
+    for rank, r in enumerate(shared):
+        assert r.pop("mismatch").startswith(
+            "the ranks of an inference tensor-parallel group must generate with the same settings (max_new_tokens, "
+            "sampling, seed, eos/pad ids): group rank(s) [1] differ from rank 0: (SamplingParams(max_new_tokens=3")
+        r.pop("sampled")
+        assert r == dict(fc1_view=True, fc1_bias_view=True, fc2_copy=True, embedding_shared=True,
+                         lora_block_owned=True, unchanged=True), rank
+    assert got[0]["errors"] == [
+        "inference_tp_size=3 does not divide the job's 2 processes (it is split into groups of 3 ranks): "
+        "inference_tp_size must divide 2",
+        "inference_tp_size=2: attention heads (3) does not split evenly across tp=2 ranks: use a tp that divides 3"]
+
+
+@pytest.mark.slow  # 4 processes start on a 2-core machine: ~35 s
+def test_inference_tp2_groups_in_a_job_of_four(tmp_path):
+    """Four ranks, FSDP2 over all four, two inference groups of two: each group generates its ranks' prompts."""
+    got = launch_tp(tmp_path, 4, ["bloom-own-prompts"])
+    check_fsdp_case(got, "bloom-own-prompts")

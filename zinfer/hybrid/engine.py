@@ -1,7 +1,8 @@
 """The RLHF hybrid engine: a training model switches into zinfer's generation path and back.
 
 `eval()` reads the trainer's live parameters (gathering FSDP2 shards, fusing LoRA) into a zinfer model
-through the same `load_weights` loop that reads checkpoints; `generate()` runs zinfer's `Generator`;
+through the same `load_weights` loop that reads checkpoints (with `inference_tp_size > 1` the loop cuts each
+rank's tensor-parallel block, as it does from a checkpoint); `generate()` runs zinfer's `Generator`;
 `train()` drops every inference-only tensor so training gets its memory back.
 """
 
@@ -10,7 +11,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -18,14 +19,17 @@ from torch import nn
 
 from zinfer.errors import InputError, UnsupportedModelError
 from zinfer.models import model_class
+from zinfer.parallel import SINGLE, TensorParallel, within_job
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
+from zinfer.weights.live import checkpoint_names
 from zinfer.weights.loader import build_empty, load_weights, merged_groups
 
 log = logging.getLogger(__name__)
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
-# generate() keywords of transformers that change nothing here: each rank generates on its own full weights
+# generate() keywords of transformers that change nothing here (synced_gpus: zinfer's tensor-parallel ranks step in
+# lockstep anyway, and with inference_tp_size=1 each rank generates on its own full weights)
 IGNORED_GENERATE_KWARGS = {"synced_gpus", "use_cache", "return_dict_in_generate", "output_scores"}
 
 
@@ -200,30 +204,6 @@ def _active_copy(wrapper) -> nn.Module:
     return wrapper.modules_to_save[active[0]]
 
 
-def legacy_moe_names(weights) -> Iterator[tuple[str, torch.Tensor]]:
-    """transformers >= 5 holds Mixtral experts as stacks (`mlp.experts.gate_up_proj`: [E, 2F, D],
-    `down_proj`: [E, D, F]); checkpoints and zinfer name them per expert (`block_sparse_moe.experts.e.w1/w3/w2`).
-    The per-expert tensors are views of the stacks (storage stays shared)."""
-    for name, t in weights:
-        head, sep, tail = name.rpartition(".mlp.")
-        moe = f"{head}.block_sparse_moe"
-        if not sep or tail not in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):
-            yield name, t
-        elif tail == "gate.weight":
-            yield f"{moe}.gate.weight", t
-        elif tail == "experts.gate_up_proj":
-            f = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                yield f"{moe}.experts.{e}.w1.weight", t[e, :f]
-                yield f"{moe}.experts.{e}.w3.weight", t[e, f:]
-        else:
-            for e in range(t.shape[0]):
-                yield f"{moe}.experts.{e}.w2.weight", t[e]
-
-
-LIVE_LAYOUTS = {"mixtral": legacy_moe_names}  # model_type -> rename of a live transformers model's tensors
-
-
 # --- per-iteration timings, as DeepSpeed-Chat's hybrid engine reports them ----------------------------------
 
 @dataclass
@@ -280,25 +260,34 @@ class HybridEngine:
     copies. With `release_cache` (default) `train()` frees all of those plus the KV cache and CUDA graph;
     without it they stay allocated between iterations (faster switch, memory held during training).
 
-    `inference_tp_size` must be 1: tensor-parallel generation comes with zinfer's tensor parallelism.
+    `inference_tp_size=N > 1` (inside a torch.distributed job of W ranks, N dividing W, e.g. the FSDP2
+    trainer's): each rank's inference model holds its tensor-parallel block of every weight, cut from the
+    live (gathered, LoRA-fused) weights by the loader's sharding rule; the job splits into W / N groups of
+    consecutive ranks (the whole job when W == N). A block that is a contiguous slice of a training tensor
+    (rows of a column-parallel weight) is a view of it; others (column blocks, blocks of gathered or fused
+    tensors) are copies of 1/N of the tensor. `generate()` is then collective over the group: each rank
+    passes its own prompts (data-parallel ranks bring different ones, as with DeepSpeed-Chat's hybrid
+    engine), the group generates them all in one batch in lockstep, and each rank gets its own rows back;
+    when every rank passes the same prompts, they are generated once. Every rank of the group must call
+    `eval()`, `generate()` and `train()` together, with the same generation settings.
+
     `dtype` (default: the model's) and `compile` (see `zinfer.LLM`) are inference options.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, inference_tp_size: int = 1, release_cache: bool = True,
                  *, dtype: torch.dtype | None = None, compile: bool | None = None):
-        if inference_tp_size != 1:
-            raise NotImplementedError(
-                f"inference_tp_size={inference_tp_size}: tensor-parallel generation is not implemented in zinfer "
-                "yet (it comes with the tensor parallelism issue); use inference_tp_size=1, where every rank "
-                "generates with the full gathered model")
         self.module, self.tokenizer, self.release_cache, self.compile = model, tokenizer, release_cache, compile
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
         self.config = copy.deepcopy(_checked_config(model, self.base))
         _check_peft(model)
         first = next(p for p in self.base.parameters() if p.is_floating_point())
         self.device, self.dtype = torch.device(first.device), dtype or first.dtype
-        self.inference_model = None  # built on `meta` at the first eval(), then re-used
-        self.generator: Generator | None = None
+        self.tp = inference_group(inference_tp_size)
+        try:  # on `meta`, re-used by every eval(); a model whose heads do not split over the group fails here
+            self.inference_model = build_empty(self.config, tp=self.tp)
+        except InputError as e:
+            raise InputError(f"inference_tp_size={inference_tp_size}: {e}") from e
+        self.generator = Generator(self.inference_model, self.device, self.dtype, compile=self.compile)
         self.timings: dict = {}  # the previous iteration's, see `Iteration.report`
         self.last_timings = Timings()  # the last generate()'s prefill/total
         self.inference_mode = False
@@ -325,7 +314,7 @@ class HybridEngine:
         """Back to training: free inference caches (with `release_cache`), restore the model's training mode."""
         if not mode:
             return self.eval()
-        if self.release_cache and self.inference_model is not None:
+        if self.release_cache and self.inference_mode:
             unbind(self.inference_model)
             self.generator.release()
             if self.device.type == "cuda":
@@ -351,15 +340,11 @@ class HybridEngine:
 
     # --- loading ---------------------------------------------------------------------------------------------
     def _load(self) -> None:
-        if self.inference_model is None:
-            self.inference_model = build_empty(self.config)
-            self.generator = Generator(self.inference_model, self.device, self.dtype, compile=self.compile)
         _reshard(self.module)
         before = weight_pointers(self.inference_model)
-        weights = LiveWeights(self._gather)(self.base)
-        rename = LIVE_LAYOUTS.get(self.config.model_type)
+        weights = checkpoint_names(self.config.model_type, LiveWeights(self._gather)(self.base))
         with torch.no_grad():
-            load_weights(self.inference_model, rename(weights) if rename else weights, self.device, self.dtype)
+            load_weights(self.inference_model, weights, self.device, self.dtype, borrowed=training_storage(self.base))
         if self.generator.state is not None and weight_pointers(self.inference_model) != before:
             # a kept CUDA graph read the old addresses; drop it (and its KV cache) so the next run re-captures
             self.generator.release()
@@ -384,7 +369,9 @@ class HybridEngine:
         """Like transformers' `generate`: [B, P] prompts (left-padded, `attention_mask` marks real tokens) ->
         [B, P + G] LongTensor of the prompts as given, then the new tokens; rows that stop early (EOS) are
         padded with `pad_token_id` to the longest. `max_length` (prompt + new) may stand in for
-        `max_new_tokens` (default 20). Sampling without `seed` draws one from torch's global generator."""
+        `max_new_tokens` (default 20). Sampling without `seed` draws one from torch's global generator (under
+        tensor parallelism, the group's rank 0's draw). With `inference_tp_size > 1` this is collective over the
+        rank's group (see the class docstring)."""
         if not self.inference_mode:
             raise InputError("HybridEngine.generate() needs inference mode: call engine.eval() first")
         _check_generate_kwargs(kwargs)
@@ -392,7 +379,8 @@ class HybridEngine:
         new = _new_tokens(max_new_tokens, max_length, input_ids.shape[1])
         if do_sample and temperature <= 0:
             raise InputError(f"do_sample=True needs temperature > 0, got {temperature}")
-        if seed is None and do_sample:
+        drawn = seed is None and do_sample
+        if drawn:
             seed = int(torch.randint(0, 2**62, ()).item())
         params = SamplingParams(max_new_tokens=new, temperature=temperature if do_sample else 0.0, top_p=top_p,
                                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
@@ -400,11 +388,16 @@ class HybridEngine:
         eos = self._eos_ids(eos_token_id)
         pad = self._pad_id(pad_token_id, eos)
         start = time.perf_counter()
+        batch, mine = prompts, slice(0, len(prompts))
+        if self.tp.size > 1:
+            batch, mine, params = group_batch(self.tp, prompts, params, eos, pad, drawn)
         self.last_timings = Timings()
         seqs = []
-        for seqs, _ in self.generator.run(prompts, params, eos, pad, timings=self.last_timings):  # noqa: B007
+        for seqs, _ in self.generator.run(batch, params, eos, pad, timings=self.last_timings):  # noqa: B007
             pass
-        new_ids = pad_rows([s.tokens for s in seqs], pad).to(input_ids.device)
+        if self.tp.size > 1:  # identical logits on every rank make identical tokens; check it once a request
+            self.tp.check_agree([s.tokens for s in seqs], "the generated tokens")
+        new_ids = pad_rows([s.tokens for s in seqs[mine]], pad).to(input_ids.device)
         self._iteration.generate_s += time.perf_counter() - start
         self._iteration.samples += len(prompts)
         return torch.cat([input_ids.long(), new_ids], dim=1)
@@ -424,6 +417,51 @@ class HybridEngine:
             if source is not None:
                 return int(source)
         return eos[0] if eos else 0
+
+
+# --- tensor parallelism ------------------------------------------------------------------------------------
+
+def inference_group(size: int) -> TensorParallel:
+    """The tensor-parallel group this rank generates in.
+
+    A job with more ranks than `size` is split into groups of `size` consecutive ranks rather than refused
+    (DeepSpeed-Chat does the same): RLHF jobs train data-parallel over more GPUs than generation needs, and
+    the alternatives are worse: one group over the whole job all-reduces every layer across all of them (across
+    nodes, beyond NVLink) and needs heads divisible by the world size; inference_tp_size=1 needs the whole
+    model on every GPU. Consecutive ranks are one node's GPUs under torchrun, so a group's all-reduces stay on
+    NVLink; groups generate their own ranks' prompts independently, data-parallel."""
+    if size == 1:
+        return SINGLE
+    return within_job(size, "inference_tp_size")
+
+
+def group_batch(tp: TensorParallel, prompts: list[list[int]], params: SamplingParams, eos: list[int], pad: int,
+                drawn_seed: bool) -> tuple[list[list[int]], slice, SamplingParams]:
+    """The one batch a tensor-parallel group generates in lockstep, and this rank's rows of it: every rank's
+    prompts in group-rank order, or the prompts once when every rank passed the same. Settings must agree;
+    a sampling seed each rank drew for itself becomes the group's rank 0's (all ranks sample the same)."""
+    settings = (replace(params, seed=None) if drawn_seed else params, eos, pad)
+    everyone = tp.all_gather_object((prompts, settings, params.seed))
+    bad = [r for r, (_, s, _) in enumerate(everyone) if s != everyone[0][1]]
+    if bad:
+        raise InputError(f"the ranks of an inference tensor-parallel group must generate with the same settings "
+                         f"(max_new_tokens, sampling, seed, eos/pad ids): group rank(s) {bad} differ from rank 0: "
+                         f"{everyone[bad[0]][1]} != {everyone[0][1]}")
+    params = replace(params, seed=everyone[0][2])
+    rows = [p for p, _, _ in everyone]
+    if all(r == prompts for r in rows):
+        return prompts, slice(0, len(prompts)), params
+    start = sum(len(r) for r in rows[:tp.rank])
+    return [p for r in rows for p in r], slice(start, start + len(prompts)), params
+
+
+def training_storage(model: nn.Module) -> Callable[[torch.Tensor], bool]:
+    """True for a tensor viewing a training parameter's storage (kept alive by the trainer, so a block of it
+    can be a view); gathered and fused tensors are new storage, and their blocks are copied out."""
+    dtensor = _dtensor_type()
+    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()
+            if dtensor is None or not isinstance(p, dtensor)}
+    return lambda t: t.untyped_storage().data_ptr() in ptrs
 
 
 # --- helpers -----------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ In a script started by `torchrun --nproc-per-node N script.py`:
     zinfer.parallel.shutdown()
 """
 
-from zinfer.parallel.group import SINGLE, TensorParallel, building, setup, shutdown
+from zinfer.parallel.group import SINGLE, TensorParallel, building, setup, shutdown, within_job
 from zinfer.parallel.group import current as current_tp
 from zinfer.parallel.launch import fail_fast
 from zinfer.parallel.shard import divide, kv_heads_per_rank
 
 __all__ = ["SINGLE", "TensorParallel", "building", "current_tp", "divide", "fail_fast", "kv_heads_per_rank",
-           "setup", "shutdown"]
+           "setup", "shutdown", "within_job"]

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from zinfer.errors import InputError
 
@@ -26,8 +27,10 @@ DEFAULT_TIMEOUT_S = 600.0
 @dataclass(frozen=True)
 class TensorParallel:
     """`size` processes each holding 1/size of every split weight: every process of the job (the default
-    group), which `group_name` names for torch.compile. No ProcessGroup object is kept: a reference outliving
-    `destroy_process_group` makes gloo abort the process at exit."""
+    group), or one block of consecutive ranks of a larger job (`within_job`); `rank` is this process's rank
+    inside the group, `group_name` names it (for torch.compile, and to find the group at each collective).
+    No ProcessGroup object is kept: a reference outliving `destroy_process_group` makes gloo abort the process
+    at exit."""
 
     rank: int = 0
     size: int = 1
@@ -37,25 +40,29 @@ class TensorParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _group(self):
+        return None if self.group_name is None else _resolve_process_group(self.group_name)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's partial `x`, in place. The result is the same on every rank (NCCL and gloo
         reduce each element once and share it), so replicated work after it (norms, LM head, sampling) agrees
         bitwise. CUDA graphs capture the NCCL call; torch.compile traces its functional form."""
         if torch.compiler.is_compiling():
             return funcol.all_reduce(x, "sum", self.group_name)
-        dist.all_reduce(x)  # eager: the plain collective; with gloo the functional one now and then aborts at exit
+        # eager: the plain collective; with gloo the functional one now and then aborts at exit
+        dist.all_reduce(x, group=self._group())
         return x
 
     def broadcast_object(self, obj):
-        """Rank 0's `obj` on every rank."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        """The group's rank 0's `obj` on every rank of the group."""
+        box, group = [obj], self._group()
+        dist.broadcast_object_list(box, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
         return box[0]
 
     def all_gather_object(self, obj) -> list:
-        """Every rank's `obj`, in rank order, on every rank."""
+        """Every rank's `obj`, in group-rank order, on every rank of the group."""
         values = [None] * self.size
-        dist.all_gather_object(values, obj)
+        dist.all_gather_object(values, obj, group=self._group())
         return values
 
     def check_agree(self, value, what: str) -> None:
@@ -123,6 +130,32 @@ def setup(size: int, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
         raise InputError(f"tp={size}, but {world} processes were started: tensor parallelism uses every process "
                          f"of the job, start exactly {size} (torchrun --nproc-per-node {size})")
     return TensorParallel(dist.get_rank(), size, dist.group.WORLD.group_name)
+
+
+def within_job(size: int, what: str = "tp") -> TensorParallel:
+    """This rank's group of `size` ranks inside a torch.distributed job that is already running (a trainer's):
+    the whole job when it has `size` processes, else the block of `size` consecutive ranks this rank is in,
+    the job split into world / size groups. Every rank of the job must call it (new groups are collective).
+    `what` names the option in messages."""
+    if size < 1:
+        raise InputError(f"{what}={size}: the number of ranks must be at least 1")
+    if size == 1:
+        return SINGLE
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InputError(f"{what}={size} splits the model over {size} processes of a torch.distributed job, "
+                         f"but torch.distributed is not initialised: start the job with `torchrun "
+                         f"--nproc-per-node {size}` (or a multiple of {size}) and call "
+                         "torch.distributed.init_process_group() first")
+    world = dist.get_world_size()
+    if world % size:
+        raise InputError(f"{what}={size} does not divide the job's {world} processes (it is split into groups "
+                         f"of {size} ranks): {what} must divide {world}")
+    if world == size:
+        return TensorParallel(dist.get_rank(), size, dist.group.WORLD.group_name)
+    # Consecutive ranks, as torchrun numbers the processes of one node: a group's all-reduces stay on the
+    # node's links (NVLink) when `size` divides the processes per node.
+    group, _ = dist.new_subgroups(size)
+    return TensorParallel(dist.get_rank(group), size, group.group_name)
 
 
 def shutdown() -> None:

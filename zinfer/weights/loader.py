@@ -4,7 +4,7 @@ One generic loop serves checkpoints, GGUF files, dummy weights and (later) a liv
 """
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch import nn
@@ -64,13 +64,17 @@ def quantize_shells(model: CausalLM, spec: QuantSpec, dtype) -> None:
                 m.set_quantized(spec, dtype)
 
 
-def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], device, dtype) -> CausalLM:
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], device, dtype,
+                 borrowed: Callable[[torch.Tensor], bool] | None = None) -> CausalLM:
     """Materialise every parameter of `model` from `weights` on `device` in `dtype`; check names and shapes.
 
     Quantized Linears (see `quantize_shells`) take either their packed tensors from a quantized checkpoint
     or a dense `weight`, quantized as it is read: one layer's dense copy at a time, never the model's.
     Under tensor parallelism each whole tensor is cut to this rank's block as it is read (`shard_plan`): the
-    rank keeps its block and the whole tensor is freed before the next one is read."""
+    rank keeps its block and the whole tensor is freed before the next one is read. `borrowed(t)`: True for a
+    tensor whose storage outlives the load (a live trainer's parameter): a contiguous block of it (rows of a
+    column-parallel weight) is kept as a view of that storage instead of copied, and a parameter still viewing
+    one from an earlier load is re-pointed, never written into."""
     shards: ShardPlan | None = getattr(model, "shard_plan", None)
     for group in merged_groups(model):
         group.allocate(device, dtype)
@@ -109,11 +113,13 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
                                   f"the model expects {tuple(expected)}")
         param = params[target]
         want = dtype if tensor.is_floating_point() else tensor.dtype  # packed integer tensors keep their type
-        if not param.is_meta and param.dtype == want and param.device.type == torch.device(device).type:
-            param.data.copy_(tensor)  # preallocated in place (fused q/k/v, gate/up)
+        filled = not param.is_meta and param.dtype == want and param.device.type == torch.device(device).type
+        if filled and not (borrowed is not None and borrowed(param)):
+            param.data.copy_(tensor)  # preallocated in place (fused q/k/v, gate/up), or kept from the last load
         else:
             value = tensor.to(device=device, dtype=want).contiguous()
-            _assign(model, target, value if shards is None else _owned(value))
+            keep = shards is None or (borrowed is not None and borrowed(value))
+            _assign(model, target, value if keep else _owned(value))
         loaded.add(target)
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing:
