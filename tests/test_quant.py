@@ -1,4 +1,4 @@
-"""Group-wise quantization on CPU: spec, pack/unpack, error bounds, serialization, quant_matmul.
+"""Group-wise quantization on CPU: spec, pack/unpack, both quantizers' error bounds, serialization, quant_matmul.
 The Triton kernels run here too, under Triton's interpreter, when Triton is importable."""
 
 import importlib.util
@@ -12,7 +12,7 @@ import torch
 
 from zinfer.quant import ops
 from zinfer.quant.ops import quant_matmul
-from zinfer.quant.pack import QuantizedWeight, _pack, dequantize, quantize, unpack
+from zinfer.quant.pack import METHODS, QuantizedWeight, _group_sum, _pack, dequantize, quantize, unpack
 from zinfer.quant.spec import QuantSpec
 
 SPECS = [QuantSpec(b, g, 1, s) for b in (4, 8) for g in (64, 32) for s in (False, True)]
@@ -77,9 +77,10 @@ def test_pack_layout_low_nibble_first():
     assert torch.equal(unpack(_pack(codes, 4), 4), codes)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("spec", SPECS, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grid_values_round_trip_exactly(spec, dtype):
+def test_grid_values_round_trip_exactly(spec, dtype, method):
     """Weights already on a group's grid (power-of-two scales) come back bit-exact."""
     n, k, g = 6, 4 * spec.group_size, spec.group_size
     scale = 2.0 ** torch.randint(-6, 0, (n, k // g, 1)).float()
@@ -93,20 +94,27 @@ def test_grid_values_round_trip_exactly(spec, dtype):
         q[..., 0], q[..., 1] = 0, spec.qmax  # pin min and max
         w = q * scale + torch.randint(-8, 1, (n, k // g, 1)) * scale  # |q + zero| <= 255: exact in bf16
     w = w.view(n, k).to(dtype)
-    assert torch.equal(dequantize(quantize(w, spec)), w)
+    assert torch.equal(dequantize(quantize(w, spec, method=method)), w)  # "refit" cannot beat an exact grid
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k", [128, 200, 37])
-def test_error_within_half_step(spec, dtype, k):
+def _outlier_weight(k, dtype):
     w = torch.randn(33, k) * 0.05
     w[3, 5] = 40.0  # outliers
     w[7, -1] = -1e4
     w[10] = 0.0  # an all-zero row
     w[11] = 0.3  # a constant row
-    w = w.to(dtype)
-    qw = quantize(w, spec)
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [128, 200, 37])
+def test_error_within_half_step(spec, dtype, k, method):
+    """Both methods keep every group's [min, max] inside its grid: no weight is clipped, each error is at
+    most half a step (plus fp32 rounding), outliers included."""
+    w = _outlier_weight(k, dtype)
+    qw = quantize(w, spec, method=method)
     assert qw.qweight.shape == (33, spec.padded_k(k) // spec.per_byte) and qw.shape == (33, k)
     assert qw.scale.dtype == dtype and (qw.zero is None) == spec.symmetric
     w_hat = dequantize(qw, torch.float32)
@@ -122,15 +130,48 @@ def test_error_within_half_step(spec, dtype, k):
         assert torch.equal(w_hat[11], w[11].float())  # a constant row is exact
 
 
-def test_fp16_extremes_stay_finite():
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.bits == 4], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [200, 37])
+def test_refit_never_worse_than_rtn(spec, dtype, k):
+    """Per group, "refit"'s squared error (over the real columns, not the pad) is at most "rtn"'s."""
+    w = _outlier_weight(k, dtype)
+    errs = {}
+    for method in METHODS:
+        w_hat = dequantize(quantize(w, spec, method=method), torch.float32)
+        errs[method] = _groups(w_hat - w.float(), spec, k).nan_to_num().pow(2).sum(-1)  # [N, groups]
+    assert (errs["refit"] <= errs["rtn"] * (1 + 1e-5)).all()
+    assert (errs["refit"] < errs["rtn"]).float().mean() > 0.5  # and lower for most groups
+
+
+@pytest.mark.parametrize("spec", SPECS + [QuantSpec(8, 37), QuantSpec(4, 48, symmetric=True)], ids=_id)
+def test_refit_lowers_gaussian_error(spec):
+    w = torch.randn(64, 37 * 16, generator=torch.Generator().manual_seed(0))
+    rtn, refit = (dequantize(quantize(w, spec, method=m), torch.float32) - w for m in ("rtn", "refit"))
+    assert refit.pow(2).sum() < (0.93 if spec.bits == 4 and not spec.symmetric else 0.97) * rtn.pow(2).sum()
+
+
+def test_group_sum_fixed_order():
+    t = torch.randn(3, 5, 100)
+    for g in (1, 2, 37, 48, 64, 100):
+        torch.testing.assert_close(_group_sum(t[..., :g]), t[..., :g].sum(-1), rtol=1e-5, atol=1e-5)
+    # the order is pairwise, fixed: ((a + b) + (c + d)) + e
+    a, b, c, d, e = 1.0, 2.0**-24, 2.0**-24, 2.0**-24, 2.0**-24
+    assert _group_sum(torch.tensor([a, b, c, d, e])).item() == (a + b) + (c + d) + e
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fp16_extremes_stay_finite(method):
     spec = QuantSpec(4, 64)
     w = torch.zeros(2, 64, dtype=torch.float16)
     w[0, 0], w[0, 1] = 65504.0, -65504.0  # scale ~ 8734, q * scale overflows fp16
     w[1] = 1e-7  # subnormal constant group
-    qw = quantize(w, spec)
+    qw = quantize(w, spec, method=method)
     w_hat = dequantize(qw)
-    assert torch.isfinite(w_hat).all()
-    assert w_hat[0, 1] == -65504.0 and (w_hat[0, 0] - 65504.0).abs() <= 0.6 * qw.scale[0, 0].float()
+    assert torch.isfinite(w_hat).all() and torch.isfinite(qw.scale).all() and torch.isfinite(qw.zero).all()
+    s = qw.scale[0, 0].float()
+    assert (w_hat[0, 1] + 65504.0).abs() <= 0.5 * s and (w_hat[0, 0] - 65504.0).abs() <= 0.6 * s
+    assert torch.equal(w_hat[1], w[1])
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
@@ -142,6 +183,8 @@ def test_quantize_refuses_non_finite(bad):
 
 
 def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"method must be one of \('refit', 'rtn'\), got 'gptq'"):
+        quantize(torch.randn(4, 64), QuantSpec(), method="gptq")
     with pytest.raises(ValueError, match=r"2-D \[N, K\] weight, got shape \[64\]"):
         quantize(torch.randn(64), QuantSpec())
     with pytest.raises(ValueError, match="fp16/bf16/fp32 weight, got torch.int32"):
@@ -153,9 +196,10 @@ def test_quantize_rejects_bad_input():
         QuantizedWeight(qw.qweight, qw.scale, qw.zero, qw.shape, QuantSpec(symmetric=True))
 
 
-def test_chunked_quantize_matches_whole():
+@pytest.mark.parametrize("method", METHODS)
+def test_chunked_quantize_matches_whole(method):
     w = torch.randn(37, 200, dtype=torch.bfloat16)
-    a, b = quantize(w, QuantSpec()), quantize(w, QuantSpec(), chunk_rows=5)
+    a, b = quantize(w, QuantSpec(), method=method), quantize(w, QuantSpec(), chunk_rows=5, method=method)
     for name, t in a.tensors().items():
         assert torch.equal(t, b.tensors()[name]), name
 

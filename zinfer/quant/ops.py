@@ -9,7 +9,7 @@ Dispatch:
 
 Not used, noted for later: torch.ops.aten._weight_int8pack_mm takes per-channel scales only
 (no groups), and _weight_int4pack_mm(_for_cpu) needs a repacked tiled weight whose
-scales_and_zeros encode w = (q - 8) * scale + zero' (our float-min zero maps onto it with
+scales_and_zeros encode w = (q - 8) * scale + zero' (our float zero maps onto it with
 zero' = zero + 8 * scale); a CPU fast path could repack once and cache it.
 """
 

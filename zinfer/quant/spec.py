@@ -20,8 +20,9 @@ class QuantSpec:
     bits:       4 (two values per byte, low nibble first) or 8.
     group_size: consecutive elements along K sharing one scale (and zero point).
     group_dim:  1 only: groups run along the input dim K of an [N, K] weight, as in DeepSpeed.
-    symmetric:  False: w ~ q * scale + zero, q in [0, 2^b - 1], zero = group minimum (float);
-                True:  w ~ (q - 2^(b-1)) * scale, scale = absmax / (2^(b-1) - 1), no zero tensor.
+    symmetric:  False: w ~ q * scale + zero, q in [0, 2^b - 1], zero a float;
+                True:  w ~ (q - 2^(b-1)) * scale, no zero tensor.
+                (How scale and zero are chosen is the quantizer's choice, not the format's: pack.py.)
     """
 
     bits: int = 4
