@@ -121,7 +121,8 @@ def torchrun(nproc: int, script: Path, mode: str, cases: list, tmp_path: Path, t
     """Launch `script` in `nproc` gloo ranks; returns (completed process, rank 0's result or None, seconds)."""
     spec, out = tmp_path / f"spec-{mode}-{nproc}.json", tmp_path / f"out-{mode}-{nproc}.json"
     spec.write_text(json.dumps({"cases": cases, "prompts": PROMPTS}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                                                          os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(script), mode, str(spec), str(out)]
     start = time.perf_counter()
