@@ -76,6 +76,23 @@ def test_json_metrics_follow_seed_formulas_from_timings(tiny, tmp_path, capsys, 
                                                "prefill throughput: 320.000 token/s")
 
 
+def test_streamed_layers_count_in_the_decode_floor(tiny, tmp_path, capsys):
+    # streamed layers' modules hold empty tensors between uses: their bytes and matmuls must still count
+    directory, hf = tiny
+    args = ["bench", "--model", directory, *SMALL, "--json", "--output-file", tmp_path / "b.log"]
+    code, out, _ = main(capsys, *args)
+    assert code == 0
+    resident = json.loads(out)
+    code, out, _ = main(capsys, *args, "--disk-offload", "--offload-dir", tmp_path / "nvme")
+    assert code == 0
+    streamed = json.loads(out)
+    layers = hf.config.num_hidden_layers
+    # the same work; streamed units are read whole, 256-byte aligned tensors in 4 KiB pages
+    assert 0 <= streamed["decode_bytes_per_step"] - resident["decode_bytes_per_step"] <= layers * 4096 * 2
+    assert streamed["prefill_flops"] == resident["prefill_flops"]
+    assert streamed["decode_tflops"] > 0
+
+
 def test_auto_output_file_writes_seed_log_in_cwd(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, _ = main(capsys, "bench", "--model", tiny[0], *SMALL, "--verbose", 1)

@@ -8,6 +8,7 @@ and their ratio to the ceiling the run is bound by, measured once per machine (`
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,10 +186,10 @@ def _weights(model) -> tuple[int, int]:
 
 
 def _links(config: BenchConfig, device: torch.device, ceilings: dict) -> dict[str, tuple[str, float]]:
-    """Where weights and KV are read from per step: (name, bytes/s) for each."""
+    """Where resident weights ("memory"), streamed weights and KV are read from per step: (name, bytes/s)."""
     memory = ("cpu_memory" if device.type == "cpu" else "hbm", ceilings["device_copy_bytes_per_s"])
     if device.type == "cpu":
-        return {"weights": memory, "kv": memory}
+        return {"memory": memory, "weights": memory, "kv": memory}
     pcie = ("pcie", ceilings["h2d_pinned_bytes_per_s"])
     weights = memory
     if config.cpu_offload:
@@ -196,46 +197,68 @@ def _links(config: BenchConfig, device: torch.device, ceilings: dict) -> dict[st
     elif config.disk_offload:  # NVMe -> pinned buffer -> GPU: the slower of the disk and the PCIe link
         disk = ceilings["disk"][str(Path(config.offload_dir).expanduser().resolve())]["bytes_per_s"]
         weights = ("nvme", min(disk, pcie[1]))
-    return {"weights": weights, "kv": pcie if config.kv_offload else memory}
+    return {"memory": memory, "weights": weights, "kv": pcie if config.kv_offload else memory}
+
+
+def _streamed(llm: LLM) -> tuple[int, int]:
+    """(bytes copied, matmul parameters) per decode step of the streamed layers, whose modules hold empty
+    tensors between uses. A unit is copied whole (its flat buffer); a region whose 2-D views overlap (a fused
+    weight and its q/k/v views) counts its elements once."""
+    streamer = getattr(llm, "streamer", None)
+    if streamer is None:
+        return 0, 0
+    nbytes = params = 0
+    for layout in (streamer.layouts[name] for name in streamer.streamed):
+        nbytes += layout.nbytes
+        for region, (_, size) in enumerate(layout.regions):
+            refs = [r for r in layout.refs if r.region == region and len(r.shape) >= 2]
+            if refs:
+                params += min(sum(math.prod(r.shape) for r in refs), size // refs[0].dtype.itemsize)
+    return nbytes, params
 
 
 @dataclass(frozen=True)
 class Work:
     """What one run of the workload moves and computes."""
 
-    weight_bytes: int  # read per decode step
+    weight_bytes: int  # read per decode step from where the model lives (HBM; host memory on a CPU)
     kv_bytes: int  # read per decode step, at the mean length P + G/2
     step_flops: float  # per decode step
     prefill_flops: float
+    streamed_bytes: int = 0  # copied per decode step from the offload (pinned host memory or NVMe)
 
 
 def workload_work(llm: LLM, config: BenchConfig) -> Work:
     """Matmuls: 2 flops per parameter per token; attention: QK^T and AV over the keys, causal in prefill."""
     m, b, p = llm.model, config.batch_size, config.prompt_len
     weight_bytes, matmul_params = _weights(m)
+    streamed_bytes, streamed_params = _streamed(llm)
+    matmul_params += streamed_params
     attn_width = m.head_dim * llm.config.num_attention_heads
     mean_len = p + config.gen_len / 2
     kv_bytes = int(2 * m.num_layers * m.num_kv_heads * m.head_dim * llm.dtype.itemsize * b * mean_len)
     return Work(weight_bytes, kv_bytes, 2 * matmul_params * b + 4 * m.num_layers * b * mean_len * attn_width,
-                2 * matmul_params * b * p + 2 * m.num_layers * b * p * p * attn_width)
+                2 * matmul_params * b * p + 2 * m.num_layers * b * p * p * attn_width, streamed_bytes)
 
 
 def roofline(llm: LLM, config: BenchConfig, metrics: dict, ceilings: dict) -> dict:
     """Achieved GB/s and TFLOP/s, the floors they are held against, and achieved/ceiling ratios.
 
-    Decode step floor: weight bytes and KV bytes, each over the link it comes from: HBM when GPU-resident,
-    pinned PCIe when offloaded (all weights counted as streamed), host memory on a CPU; the slower part
-    names the bound. Prefill floor: its flops at the matmul rate, and no less than streaming offloaded
-    weights once. Throughput ceilings are the batch's tokens at those floors.
+    Decode step floor: resident weight bytes over the memory they live in (HBM; host memory on a CPU),
+    streamed layers' bytes over the link they come from (pinned PCIe, or the slower of NVMe and PCIe), KV
+    bytes over HBM or PCIe when offloaded; the slowest part names the bound. Prefill floor: its flops at the
+    matmul rate, and no less than streaming the offloaded weights once. Throughput ceilings are the batch's
+    tokens at those floors.
     """
     work, b, g = workload_work(llm, config), config.batch_size, config.gen_len
     links = _links(config, llm.device, ceilings)
     parts: dict[str, float] = {}  # seconds per decode step on each link
-    for kind, nbytes in (("weights", work.weight_bytes), ("kv", work.kv_bytes)):
+    for kind, nbytes in (("memory", work.weight_bytes), ("weights", work.streamed_bytes), ("kv", work.kv_bytes)):
         name, rate = links[kind]
         parts[name] = parts.get(name, 0.0) + nbytes / rate
-    step_floor, step_bytes = sum(parts.values()), work.weight_bytes + work.kv_bytes
-    streamed = work.weight_bytes / links["weights"][1] if links["weights"][0] in ("pcie", "nvme") else 0.0
+    step_floor = sum(parts.values())
+    step_bytes = work.weight_bytes + work.streamed_bytes + work.kv_bytes
+    streamed = work.streamed_bytes / links["weights"][1]
     prefill_floor = max(work.prefill_flops / ceilings["matmul_flops_per_s"], streamed)
     out = {
         "decode_bytes_per_step": step_bytes,
