@@ -56,6 +56,24 @@ def test_stale_store_for_other_dtype_not_reused(tmp_path):
     assert len([p for p in offload.iterdir() if p.is_dir()]) == 2  # keyed by dtype: two stores
 
 
+def test_store_not_reused_for_other_weights_under_the_same_name(tmp_path):
+    # a checkpoint saved again at the same path, or dummy weights of another seed, are other bytes
+    directory, offload = tmp_path / "ckpt", str(tmp_path / "offload")
+    make_checkpoint("llama", directory, seed=0)
+    zinfer.LLM(str(directory), device="cpu", offload="nvme", offload_dir=offload)
+    make_checkpoint("llama", directory, seed=1)
+    expected = [c.token_ids for c in zinfer.LLM(str(directory), device="cpu").generate(PROMPTS, PARAMS)]
+    llm = zinfer.LLM(str(directory), device="cpu", offload="nvme", offload_dir=offload)
+    assert [c.token_ids for c in llm.generate(PROMPTS, PARAMS)] == expected
+    ids = [[5, 6, 7, 8]]
+    greedy = zinfer.SamplingParams(max_new_tokens=3, ignore_eos=True)
+    for seed in (1, 2):
+        want = zinfer.LLM("smollm2-135m", dummy=True, seed=seed, device="cpu").generate(ids, greedy)[0]
+        got = zinfer.LLM("smollm2-135m", dummy=True, seed=seed, device="cpu", offload="nvme",
+                         offload_dir=offload).generate(ids, greedy)[0]
+        assert got.token_ids == want.token_ids, seed
+
+
 def test_unwritable_offload_dir(tmp_path):
     directory = tmp_path / "ckpt"
     make_checkpoint("llama", directory)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
-from zinfer.offload import store_key, stream
+from zinfer.offload import store_key, stream, weights_identity
 from zinfer.offload.plan import kv_policy, make_plan
 from zinfer.parallel import setup as setup_tensor_parallel
 from zinfer.parallel.group import rank_device
@@ -116,7 +116,8 @@ class LLM:
         self.model = load_weights(empty, weights, load_device, self.dtype)
         self.streamer = None
         if streaming:
-            key = store_key(self.model, self.source.name, self.dtype, self.options, self.tp)
+            loaded = weights_identity(None if dummy else self.source.weight_files(), seed or 0)
+            key = store_key(self.model, self.source.name, self.dtype, self.options, self.tp, loaded)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
         kv = kv_policy(self.options, self.device, self.plan)
         self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv,

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,13 +13,23 @@ from zinfer.offload.streamer import WeightStreamer, nvme_units
 from zinfer.parallel import SINGLE, TensorParallel
 
 
+def weights_identity(files: list[Path] | None, dummy_seed: int | None) -> str:
+    """Which weights a model was loaded with, cheaply: the dummy seed, or each checkpoint file's name, size and
+    modification time (a checkpoint saved again at the same path is other weights)."""
+    if files is None:
+        return f"dummy seed {dummy_seed}"
+    stats = [(f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def store_key(model: nn.Module, source_name: str, dtype: torch.dtype, options: EngineConfig,
-              tp: TensorParallel = SINGLE) -> dict:
-    """What the bytes in an NVMe store depend on: a store made for anything else is never reused. Under tensor
-    parallelism each rank stores only its shard, so the key names the rank and the group size: ranks sharing
-    an offload_dir get one store each and never read or replace another's."""
+              tp: TensorParallel = SINGLE, weights: str = "") -> dict:
+    """What the bytes in an NVMe store depend on: a store made for anything else is never reused. `weights`:
+    `weights_identity` of what was loaded. Under tensor parallelism each rank stores only its shard, so the key
+    names the rank and the group size: ranks sharing an offload_dir get one store each and never read or
+    replace another's."""
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    key = {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+    key = {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16], "weights": weights,
            "dtype": str(dtype), "quant_bits": options.quant_bits, "quant_group_size": options.quant_group_size}
     if tp.size > 1:  # one process keeps the key it always had: its existing stores stay valid
         key.update(tp_size=tp.size, tp_rank=tp.rank)
@@ -42,4 +53,4 @@ def stream(model: nn.Module, plan: Plan, options: EngineConfig, device: torch.de
     return streamer
 
 
-__all__ = ["GPU", "Plan", "WeightStreamer", "stream", "store_key"]
+__all__ = ["GPU", "Plan", "WeightStreamer", "stream", "store_key", "weights_identity"]
