@@ -73,6 +73,12 @@ def weight_bytes_per_step(llm) -> int:
     return total - embed.numel() * embed.element_size()
 
 
+def kv_bytes_per_step(llm, batch: int, length: int) -> int:
+    # this rank's keys and values (its KV heads) at `length` tokens, read once per step
+    m = llm.model
+    return 2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.finfo(llm.dtype).bits // 8 * batch * length
+
+
 def decode(llm, batch: int, gen: int, prompt: int, repeats: int, warmup_gen: int | None = None) -> dict:
     """Median decode step over `repeats` requests after a warm-up one (of `warmup_gen` tokens, default `gen`).
     Throughputs as run_generation's: prefill B·P/prefill, decode B·(G-1)/decode = B/step, total B·G/total."""
@@ -91,17 +97,35 @@ def decode(llm, batch: int, gen: int, prompt: int, repeats: int, warmup_gen: int
     return dict(decode_step_ms=step * 1e3, decode_tok_s=batch / step, prefill_ms=prefill * 1e3,
                 prefill_tok_s=batch * prompt / prefill, total_tok_s=batch * gen / total,
                 weight_gib_per_rank=weight_bytes_per_step(llm) / 2**30,
+                kv_gib_per_rank=kv_bytes_per_step(llm, batch, prompt + gen // 2) / 2**30,
                 peak_gib=peak_gib(str(llm.device.type)), tokens=tokens)
 
 
+def shapes(args) -> list[tuple[int, int, int]]:
+    """(batch, prompt, gen) of each timed shape: --shapes, else --batch/--prompt/--gen."""
+    if not args.shapes:
+        return [(args.batch, args.prompt, args.gen)]
+    return [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+
+def shape_name(shape: tuple[int, int, int]) -> str:
+    return "b{}-p{}-g{}".format(*shape)
+
+
 def speed_case(args, tp: int) -> dict:
-    """Decode timing at `tp` (compiled + CUDA graph first; eager if that fails, with the reason)."""
+    """Decode timing at `tp` of every shape on one loaded model (compiled + CUDA graph first; eager if that
+    fails, with the reason): {shape name: timings}, plus load_s and mode."""
     out = {}
     for compile in (None, False):
         try:
             llm, load_s = load(args.model, tp, args.dtype, compile, args.device)
-            out.update(decode(llm, args.batch, args.gen, args.prompt, args.repeats), load_s=load_s,
-                       mode="auto (compiled + CUDA graph on a GPU)" if compile is None else "eager")
+            for shape in shapes(args):
+                batch, prompt, gen = shape
+                out[shape_name(shape)] = r = decode(llm, batch, gen, prompt, args.repeats)
+                if os.environ.get("RANK", "0") == "0":  # progress, should a later shape run out of time
+                    print(json.dumps(dict(tp=tp, shape=shape_name(shape), **{k: v for k, v in r.items()
+                                                                             if k != "tokens"})), flush=True)
+            out.update(load_s=load_s, mode="auto (compiled + CUDA graph on a GPU)" if compile is None else "eager")
             free(llm)
             return out
         except Exception as e:  # record it, then try eager: one failure must not lose the whole run
@@ -141,35 +165,38 @@ def parity_case(args, tp) -> dict:
     return dict(parity=parity, all_identical=all(p["identical"] for p in parity.values()))
 
 
-def floors(result: dict, keys: list[str], bytes_key: str, rate: float | None) -> None:
-    """Add each run's floor (its bytes at `rate` per step) and achieved / floor."""
-    for key in keys:
-        r = result[key]
+def floors(runs: list[dict], bytes_keys: list[str], rate: float | None) -> None:
+    """Add each run's floor (the bytes it must read per step, on one rank, at `rate`) and achieved / floor."""
+    for r in runs:
         if "decode_step_ms" in r and rate:
-            floor_ms = r[bytes_key] * 2**30 / rate * 1e3
+            floor_ms = sum(r[k] for k in bytes_keys) * 2**30 / rate * 1e3
             r.update(floor_step_ms=floor_ms, step_over_floor=r["decode_step_ms"] / floor_ms if floor_ms else None)
 
 
-def compare(result: dict, world: int) -> None:
-    """Speedups of tp=N over tp=1 and whether their tokens agree."""
-    one, many = result["tp1"], result[f"tp{world}"]
-    if "decode_step_ms" in one and "decode_step_ms" in many:
+def compare(result: dict, one: dict | None, many: dict) -> None:
+    """Speedups of tp=N (`many`) over tp=1 (`one`) and whether their tokens agree, into `result`."""
+    if one is not None and "decode_step_ms" in one and "decode_step_ms" in many:
         result["speedup"] = one["decode_step_ms"] / many["decode_step_ms"]
         result["prefill_speedup"] = one["prefill_ms"] / many["prefill_ms"]
         result["tokens"] = agreement(many.pop("tokens"), one.pop("tokens"))
 
 
 def decode_case(args, tp) -> dict:
-    result = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt=args.prompt, gen=args.gen)
-    result[f"tp{tp.size}"] = speed_case(args, tp.size)
+    """Every shape at tp=N, then at tp=1 on rank 0 (unless --no-tp1: a model too large for one GPU); floors
+    per rank (its weight shard and KV heads over HBM copy bandwidth), speedups per shape."""
+    many = speed_case(args, tp.size)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result["tp1"] = on_rank0(lambda: speed_case(args, 1), tp.rank)
+    one = None if args.no_tp1 else on_rank0(lambda: speed_case(args, 1), tp.rank)
     if not tp.is_main:
         return {}
     ceil = get_ceilings(args.device)
-    floors(result, ["tp1", f"tp{tp.size}"], "weight_gib_per_rank", ceil["device_copy_bytes_per_s"])
-    compare(result, tp.size)
+    result = dict(model=args.model, dtype=args.dtype, **{f"tp{tp.size}": many}, tp1=one, shapes={})
+    for shape in map(shape_name, shapes(args)):
+        runs = [r[shape] for r in (many, one) if r is not None and shape in r]
+        floors(runs, ["weight_gib_per_rank", "kv_gib_per_rank"], ceil["device_copy_bytes_per_s"])
+        result["shapes"][shape] = compared = {}
+        compare(compared, None if one is None else one.get(shape), many.get(shape, {}))
     return dict(result, ceilings=ceil)
 
 
@@ -225,8 +252,8 @@ def offload_case(args, tp) -> dict:
     if not tp.is_main:
         return {}
     ceil = get_ceilings(args.device)
-    floors(result, ["tp1", f"tp{tp.size}"], "streamed_gib_per_rank", ceil.get("h2d_pinned_bytes_per_s"))
-    compare(result, tp.size)
+    floors([result["tp1"], result[f"tp{tp.size}"]], ["streamed_gib_per_rank"], ceil.get("h2d_pinned_bytes_per_s"))
+    compare(result, result["tp1"], result[f"tp{tp.size}"])
     if "speedup" in result:
         result["target_met"] = result["speedup"] >= OFFLOAD_TARGET
     return dict(result, ceilings=ceil)
@@ -247,6 +274,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="of the timed cases (default: decode 1, offload 16)")
     p.add_argument("--prompt", type=int, help="prompt tokens (default: decode 128, offload 512)")
     p.add_argument("--gen", type=int, help="new tokens (default: decode 128, offload 32)")
+    p.add_argument("--shapes", help="decode case: several BATCHxPROMPTxGEN on one loaded model, e.g. "
+                   "1x128x128,32x512x32 (instead of --batch/--prompt/--gen)")
+    p.add_argument("--no-tp1", action="store_true", help="decode case: no tp=1 run (a model larger than one GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", help="of the timed cases (default: decode bfloat16, offload float16)")
     p.add_argument("--offload", default="cpu", choices=("cpu", "nvme"), help="where the offload case streams from")
