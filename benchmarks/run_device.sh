@@ -4,13 +4,7 @@
 #                        bash benchmarks/run_device.sh
 set -uo pipefail
 OUT=${OUT:-./.out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 ZINFER_CACHE=${ZINFER_CACHE:-/tmp/zinfer-cache}
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"

@@ -8,10 +8,11 @@
 #                  and inference_tp_size=2 (issue 10)
 #        GPUs 2,3: the two-GPU test, tp=2 token parity (issues 9, 11), then offloaded tp=2 against tp=1 (issue 9)
 #      (the pairs share the host: the offload run's PCIe traffic can slow the other pair's CPU side a little)
-# Usage (device tool, kind nvidia-h200-x4):  [T70=s] [TPAIR=s] bash benchmarks/run_multi_gpu.sh
+# Usage (device tool, kind nvidia-h200-x4, carry [".whl"] when it holds wheels the runs need):
+#   [T70=s] [TPAIR=s] bash benchmarks/run_multi_gpu.sh
 set -uo pipefail
 ROOT=${OUT:-./.out}; mkdir -p "$ROOT"
-export PYTHONUNBUFFERED=1 ZINFER_CACHE=${ZINFER_CACHE:-/tmp/zinfer-cache} PYTHONPATH=$PWD
+source benchmarks/device_env.sh
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$ROOT/progress.txt"; }
 
