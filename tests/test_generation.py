@@ -91,6 +91,32 @@ def test_stream_pieces_join_to_text(llm):
     assert "".join(pieces) == llm.generate(["w9 w10"], params)[0].text
 
 
+def test_stop_string_of_several_tokens(llm):
+    full = llm.generate(["w5 w6"], zinfer.SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    words = full.text.split()
+    stop = f"{words[3]} {words[4]}"  # spans two tokens
+    out = llm.generate(["w5 w6"], zinfer.SamplingParams(max_new_tokens=10, stop=stop, ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) == full.text[:full.text.index(stop)].count("w") + 2
+    assert out.text == full.text[:full.text.index(stop)]
+    streamed = "".join(llm.stream("w5 w6", zinfer.SamplingParams(max_new_tokens=10, stop=stop, ignore_eos=True)))
+    assert streamed == out.text
+
+
+def test_stop_strings_and_stream_decode_a_tail_not_everything(llm, monkeypatch):
+    # per step, host work must not grow with the text: only the tail of the tokens is decoded (once a
+    # request, at the end, the whole continuation is)
+    lengths = []
+    decode = llm.tokenizer.decode
+    monkeypatch.setattr(llm.tokenizer, "decode", lambda ids, **kw: lengths.append(len(ids)) or decode(ids, **kw))
+    params = zinfer.SamplingParams(max_new_tokens=80, stop="never-said", ignore_eos=True)
+    out = llm.generate(["w5 w6"], params)[0]
+    assert len(out.token_ids) == 80 and out.finish_reason == "length"
+    assert sum(n > 40 for n in lengths) <= 2, lengths
+    lengths.clear()
+    assert "".join(llm.stream("w5 w6", params)) == out.text
+    assert sum(n > 40 for n in lengths) <= 2, lengths
+
+
 def test_eos_from_config(llm):
     assert 1 in llm.eos_token_ids
     assert llm.pad_token_id == 0

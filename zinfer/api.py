@@ -21,6 +21,7 @@ from zinfer.parallel.group import rank_device
 from zinfer.quant import QuantSpec
 from zinfer.runtime.generator import Generator, Timings
 from zinfer.runtime.sampling import SamplingParams
+from zinfer.runtime.text import TextReader, cut_at_stop, stop_prefix_len, tail_text
 from zinfer.weights.dummy import iter_dummy
 from zinfer.weights.loader import build_empty, load_weights, quantize_shells
 from zinfer.weights.source import resolve
@@ -204,7 +205,9 @@ class LLM:
     def _stop_check(self, params: SamplingParams):
         if not params.stop:
             return None
-        return lambda row, seq: any(s in self.decode(seq.tokens) for s in params.stop)
+        longest = max(map(len, params.stop))
+        # a stop string not in the text before must end in the newest token's text: only the tail is decoded
+        return lambda row, seq: any(s in tail_text(self.decode, seq.tokens, longest) for s in params.stop)
 
     def _steps(self, prompts, params):
         params = params or SamplingParams()
@@ -223,10 +226,7 @@ class LLM:
         return full[len(head):] if full.startswith(head) else self.decode(tokens)
 
     def _finish(self, seq, params) -> Completion:
-        text = self.continuation_text(seq.prompt, seq.tokens)
-        for s in params.stop or ():
-            if s in text:
-                text = text[: text.index(s)]
+        text, _ = cut_at_stop(self.continuation_text(seq.prompt, seq.tokens), params.stop or ())
         return Completion(text, list(seq.tokens), seq.finish_reason or "length", seq.prompt)
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[Completion]:
@@ -243,13 +243,17 @@ class LLM:
         ids, params, steps = self._steps(prompt, params)
         if len(ids) != 1:
             raise InputError(f"stream takes one prompt, got {len(ids)}")
-        sent = ""
+        stops, reader, text, sent = params.stop or (), TextReader(self.decode, ids[0]), "", 0
         for seqs, _ in steps:
-            text = self._finish(seqs[0], params).text
-            # hold back a piece that ends inside a multi-byte character
-            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield text[len(sent):]
-                sent = text
+            seq = seqs[0]
+            done = seq.finish_reason is not None
+            text += reader.feed(seq.tokens, final=done)
+            shown, stopped = cut_at_stop(text, stops)
+            # text that may be the start of a stop string waits: the next tokens may complete it
+            ready = len(shown) if done or stopped else len(text) - stop_prefix_len(text, stops)
+            if ready > sent:
+                yield shown[sent:ready]
+                sent = ready
 
     def score(self, prompts) -> list[torch.Tensor]:
         """Log-probability of every token after the first, given its prefix: one [len - 1] tensor a prompt."""
