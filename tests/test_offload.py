@@ -65,6 +65,8 @@ def test_store_not_reused_for_other_weights_under_the_same_name(tmp_path):
     expected = [c.token_ids for c in zinfer.LLM(str(directory), device="cpu").generate(PROMPTS, PARAMS)]
     llm = zinfer.LLM(str(directory), device="cpu", offload="nvme", offload_dir=offload)
     assert [c.token_ids for c in llm.generate(PROMPTS, PARAMS)] == expected
+    # the new weights replace the old store in place: saving again and again must not fill the disk
+    assert len([p for p in (tmp_path / "offload").iterdir() if p.is_dir()]) == 1
     ids = [[5, 6, 7, 8]]
     greedy = zinfer.SamplingParams(max_new_tokens=3, ignore_eos=True)
     for seed in (1, 2):

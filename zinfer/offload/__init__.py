@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from zinfer.config import EngineConfig
+from zinfer.offload.nvme import CONTENT
 from zinfer.offload.plan import GPU, NVME, Plan
 from zinfer.offload.streamer import WeightStreamer, nvme_units
 from zinfer.parallel import SINGLE, TensorParallel
@@ -25,13 +26,13 @@ def weights_identity(files: list[Path] | None, dummy_seed: int | None) -> str:
 def store_key(model: nn.Module, source_name: str, dtype: torch.dtype, options: EngineConfig,
               tp: TensorParallel = SINGLE, weights: str = "") -> dict:
     """What the bytes in an NVMe store depend on: a store made for anything else is never reused. `weights`:
-    `weights_identity` of what was loaded. Under tensor parallelism each rank stores only its shard, so the key
-    names the rank and the group size: ranks sharing an offload_dir get one store each and never read or
-    replace another's."""
+    `weights_identity` of what was loaded, the store's content (other weights replace the store in its
+    directory). Under tensor parallelism each rank stores only its shard, so the key names the rank and the
+    group size: ranks sharing an offload_dir get one store each and never read or replace another's."""
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    key = {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16], "weights": weights,
+    key = {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16], CONTENT: weights,
            "dtype": str(dtype), "quant_bits": options.quant_bits, "quant_group_size": options.quant_group_size}
-    if tp.size > 1:  # one process keeps the key it always had: its existing stores stay valid
+    if tp.size > 1:  # one process keeps the directory it always had
         key.update(tp_size=tp.size, tp_rank=tp.rank)
     return key
 

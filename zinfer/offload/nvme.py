@@ -86,9 +86,15 @@ def _canonical_key(key: dict) -> str:
     return json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))
 
 
+CONTENT = "content"  # a key field naming which bytes a store holds, not where it lives
+
+
 def store_dir(offload_dir: str | os.PathLike, key: dict) -> Path:
-    """Where the store for `key` lives: one directory per distinct key."""
-    digest = hashlib.blake2b(_canonical_key(key).encode(), digest_size=8).hexdigest()
+    """Where the store for `key` lives: one directory per distinct key, except its CONTENT field (e.g. which
+    checkpoint files): a store whose content changed is found stale in its directory and replaced there, not
+    kept beside the new one (re-saving a checkpoint would otherwise add a whole store each time)."""
+    slot = {k: v for k, v in key.items() if k != CONTENT}
+    digest = hashlib.blake2b(_canonical_key(slot).encode(), digest_size=8).hexdigest()
     return Path(offload_dir) / f"zinfer-{digest}"
 
 
