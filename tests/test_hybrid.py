@@ -128,6 +128,30 @@ def tensor_count() -> int:
     return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
 
+def test_failed_eval_holds_no_inference_copies():
+    # an eval() that fails midway (out of memory while gathering, say) must not leave the tensors it had made
+    # alive while the trainer carries on
+    model = with_lora(tiny("llama-gqa-tied"), "llama-gqa-tied")
+    engine = HybridEngine(model)
+    gather, calls = engine._gather, []
+
+    def failing(p):
+        calls.append(p)
+        if len(calls) == 6:
+            raise torch.OutOfMemoryError("simulated")
+        return gather(p)
+
+    engine._gather = failing
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.eval()
+    assert all(p.is_meta for p in engine.inference_model.parameters())
+    engine.train()
+    engine._gather = gather
+    _, (ids, mask) = hf_greedy(model, PROMPTS[:1], 1)
+    engine.eval()
+    assert engine.generate(ids, attention_mask=mask, max_new_tokens=2).shape[1] == ids.shape[1] + 2
+
+
 def test_ten_cycles_leave_weights_bitwise_equal_and_memory_flat():
     model = with_lora(tiny("llama-gqa-tied"), "llama-gqa-tied")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -453,11 +477,19 @@ def shared_case(rank):
     ids, mask = left_padded(PROMPTS)
     torch.manual_seed(rank)  # the ranks' global generators differ: the group samples with rank 0's draw
     sampled = engine.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, temperature=0.8).tolist()
-    try:
-        engine.generate(ids, attention_mask=mask, max_new_tokens=2 + rank)
-        mismatch = None
-    except InputError as e:
-        mismatch = str(e)
+    found = {{}}
+    # each rank its own count of new tokens (max_length over prompts of other widths does that too)
+    found["own_counts"] = engine.generate(ids, attention_mask=mask, max_new_tokens=2 + rank)[:, ids.shape[1]:].tolist()
+    # a request refused on one rank is refused on every rank of the group, and the group carries on in step
+    for name, kwargs in (("mismatch", dict(repetition_penalty=1.0 + rank)),
+                         ("refused", dict(do_sample=bool(rank), temperature=0.0))):
+        try:
+            engine.generate(ids, attention_mask=mask, max_new_tokens=2, **kwargs)
+            found[name] = None
+        except InputError as e:
+            found[name] = str(e)
+    empty = engine.generate(ids[:0] if rank else ids, attention_mask=mask[:0] if rank else mask, max_new_tokens=2)
+    found["shapes"] = [list(empty.shape), list(ids.shape)]
     checks = dict(
         fc1_view=ours[fc1].data_ptr() == live[fc1].data_ptr() + fc1_offset
         and torch.equal(ours[fc1], live[fc1][rank * rows:(rank + 1) * rows]),
@@ -469,7 +501,7 @@ def shared_case(rank):
     engine.train()
     after = local(model)
     checks["unchanged"] = all(torch.equal(after[n], t) for n, t in before.items())
-    return dict(checks, sampled=sampled, mismatch=mismatch)
+    return dict(checks, sampled=sampled, **found)
 
 
 def errors():
@@ -564,10 +596,17 @@ def test_inference_tp2_over_fsdp2_ranks_generates_what_peft_does(tmp_path):
     assert got[0]["llama-same-prompts"]["tokens"] == got[1]["llama-same-prompts"]["tokens"]
     shared = [result.pop("shared") for result in got]
     assert shared[0]["sampled"] == shared[1]["sampled"]
+    counts = [r.pop("own_counts") for r in shared]
+    assert [len(row) for row in counts[0]] == [2] * len(PROMPTS) and [row[:2] for row in counts[1]] == counts[0]
+    assert [len(row) for row in counts[1]] == [3] * len(PROMPTS)
     for rank, r in enumerate(shared):
         assert r.pop("mismatch").startswith(
-            "the ranks of an inference tensor-parallel group must generate with the same settings (max_new_tokens, "
-            "sampling, seed, eos/pad ids): group rank(s) [1] differ from rank 0: (SamplingParams(max_new_tokens=3")
+            "the ranks of an inference tensor-parallel group must generate with the same settings (sampling, seed, "
+            "eos/pad ids): group rank(s) [1] differ from rank 0: ({'temperature': 0.0")
+        assert r.pop("refused") == ("generate() was refused on group rank(s) 1: InputError: do_sample=True needs "
+                                    "temperature > 0, got 0.0")
+        (out, prompts) = r.pop("shapes")
+        assert out == ([0, prompts[1]] if rank else [prompts[0], prompts[1] + 2])
         r.pop("sampled")
         assert r == dict(fc1_view=True, fc1_bias_view=True, fc2_copy=True, embedding_shared=True,
                          lora_block_owned=True, unchanged=True), rank

@@ -304,7 +304,12 @@ class HybridEngine:
         self._close_iteration(now)
         self._iteration = Iteration(start=now)
         self.module.eval()
-        self._load()
+        try:
+            self._load()
+        except BaseException:  # e.g. out of memory while gathering: keep none of the copies made so far
+            unbind(self.inference_model)
+            self.generator.release()
+            raise
         _sync(self.device)
         self._iteration.eval_s = time.perf_counter() - now
         self.inference_mode = True
@@ -374,30 +379,38 @@ class HybridEngine:
         rank's group (see the class docstring)."""
         if not self.inference_mode:
             raise InputError("HybridEngine.generate() needs inference mode: call engine.eval() first")
-        _check_generate_kwargs(kwargs)
-        prompts = prompt_lists(input_ids, attention_mask)
-        new = _new_tokens(max_new_tokens, max_length, input_ids.shape[1])
-        if do_sample and temperature <= 0:
-            raise InputError(f"do_sample=True needs temperature > 0, got {temperature}")
-        drawn = seed is None and do_sample
-        if drawn:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        params = SamplingParams(max_new_tokens=new, temperature=temperature if do_sample else 0.0, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                min_new_tokens=min_new_tokens)
+        # under tensor parallelism a rank's own mistake is reported to the whole group (group_batch), so no rank
+        # is left waiting in a collective that the others never reach
+        problem, prompts, params, drawn = None, [], SamplingParams(), False
+        try:
+            _check_generate_kwargs(kwargs)
+            prompts = prompt_lists(input_ids, attention_mask)
+            new = _new_tokens(max_new_tokens, max_length, input_ids.shape[1])
+            if do_sample and temperature <= 0:
+                raise InputError(f"do_sample=True needs temperature > 0, got {temperature}")
+            drawn = seed is None and do_sample
+            if drawn:
+                seed = int(torch.randint(0, 2**62, ()).item())
+            params = SamplingParams(max_new_tokens=new, temperature=temperature if do_sample else 0.0, top_p=top_p,
+                                    top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                    min_new_tokens=min_new_tokens)
+        except (InputError, ValueError) as e:
+            if self.tp.size == 1:
+                raise
+            problem = f"{type(e).__name__}: {e}"
         eos = self._eos_ids(eos_token_id)
         pad = self._pad_id(pad_token_id, eos)
         start = time.perf_counter()
-        batch, mine = prompts, slice(0, len(prompts))
+        batch, mine, mine_new = prompts, slice(0, len(prompts)), params.max_new_tokens
         if self.tp.size > 1:
-            batch, mine, params = group_batch(self.tp, prompts, params, eos, pad, drawn)
+            batch, mine, params = group_batch(self.tp, prompts, params, eos, pad, drawn, problem)
         self.last_timings = Timings()
         seqs = []
         for seqs, _ in self.generator.run(batch, params, eos, pad, timings=self.last_timings):  # noqa: B007
             pass
         if self.tp.size > 1:  # identical logits on every rank make identical tokens; check it once a request
             self.tp.check_agree([s.tokens for s in seqs], "the generated tokens")
-        new_ids = pad_rows([s.tokens for s in seqs[mine]], pad).to(input_ids.device)
+        new_ids = pad_rows([s.tokens[:mine_new] for s in seqs[mine]], pad).to(input_ids.device)
         self._iteration.generate_s += time.perf_counter() - start
         self._iteration.samples += len(prompts)
         return torch.cat([input_ids.long(), new_ids], dim=1)
@@ -436,19 +449,26 @@ def inference_group(size: int) -> TensorParallel:
 
 
 def group_batch(tp: TensorParallel, prompts: list[list[int]], params: SamplingParams, eos: list[int], pad: int,
-                drawn_seed: bool) -> tuple[list[list[int]], slice, SamplingParams]:
+                drawn_seed: bool, problem: str | None = None) -> tuple[list[list[int]], slice, SamplingParams]:
     """The one batch a tensor-parallel group generates in lockstep, and this rank's rows of it: every rank's
-    prompts in group-rank order, or the prompts once when every rank passed the same. Settings must agree;
-    a sampling seed each rank drew for itself becomes the group's rank 0's (all ranks sample the same)."""
-    settings = (replace(params, seed=None) if drawn_seed else params, eos, pad)
-    everyone = tp.all_gather_object((prompts, settings, params.seed))
-    bad = [r for r, (_, s, _) in enumerate(everyone) if s != everyone[0][1]]
+    prompts in group-rank order, or the prompts once when every rank passed the same. Settings must agree
+    except the number of new tokens (`max_length` over prompts of other widths gives each rank its own): the
+    group generates the most any rank asked for, and each rank keeps its own count. A sampling seed each rank
+    drew for itself becomes the group's rank 0's (all ranks sample the same). `problem`: this rank's request
+    was refused; every rank of the group then raises it together."""
+    mine = {k: v for k, v in vars(params).items() if k != "max_new_tokens" and not (drawn_seed and k == "seed")}
+    settings = (mine, eos, pad)
+    everyone = tp.all_gather_object((problem, prompts, settings, params.seed, params.max_new_tokens))
+    refused = [(r, e[0]) for r, e in enumerate(everyone) if e[0] is not None]
+    if refused:
+        raise InputError("generate() was refused on group rank(s) " + "; ".join(f"{r}: {msg}" for r, msg in refused))
+    bad = [r for r, e in enumerate(everyone) if e[2] != everyone[0][2]]
     if bad:
         raise InputError(f"the ranks of an inference tensor-parallel group must generate with the same settings "
-                         f"(max_new_tokens, sampling, seed, eos/pad ids): group rank(s) {bad} differ from rank 0: "
-                         f"{everyone[bad[0]][1]} != {everyone[0][1]}")
-    params = replace(params, seed=everyone[0][2])
-    rows = [p for p, _, _ in everyone]
+                         f"(sampling, seed, eos/pad ids): group rank(s) {bad} differ from rank 0: "
+                         f"{everyone[bad[0]][2]} != {everyone[0][2]}")
+    params = replace(params, seed=everyone[0][3], max_new_tokens=max(e[4] for e in everyone))
+    rows = [e[1] for e in everyone]
     if all(r == prompts for r in rows):
         return prompts, slice(0, len(prompts)), params
     start = sum(len(r) for r in rows[:tp.rank])
@@ -534,7 +554,7 @@ def prompt_lists(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
 
 
 def pad_rows(rows: list[list[int]], pad: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+    width = max((len(r) for r in rows), default=0)  # a rank of a TP group may bring no prompts
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
