@@ -173,6 +173,18 @@ def test_tuner_remembers_its_choice():
 
 
 @pytest.mark.gpu
+def test_ranks_of_a_job_take_the_heuristic_choice(monkeypatch):
+    # replicated layers (LM head) must run the same kernel on every tensor-parallel rank: no per-rank timing
+    from zinfer.layers import triton_gemv as tg
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    x, w, _ = _operands(1, 3072, 2048, torch.bfloat16, bias=False)
+    assert tg.choose(x, w, None) == tg.candidates(1, 3072, 2048, tg.sm_count(x))[0]
+    assert tg.tuning_key(x, w, None) not in tg.tuned()
+
+
+@pytest.mark.gpu
 def test_dispatch_takes_decode_sizes_only(monkeypatch):
     x, w, b = _operands(16, 256, 512, torch.bfloat16, bias=True)
     assert gemv.uses_kernel(x.view(16, 1, 512), w, b) == gemv.HAVE_TRITON

@@ -5,7 +5,8 @@ At batch 1 a decode step is a stream of GEMVs over the weights; cuBLAS's M = 1 G
 4.2 TB/s, the Triton kernels aim at the copy ceiling (benchmarks/gemv.py measures both).
 
 Switch, read once at import: ZINFER_GEMV =
-  auto       (default) each (M bucket, N, K) is timed on first use against its candidates and cuBLAS;
+  auto       (default) each (M bucket, N, K) is timed on first use against its candidates and cuBLAS (one of
+             several torch.distributed ranks takes the heuristic choice instead: ranks must agree bitwise);
   heuristic  the first candidate, no timing (the same kernels on every run and machine);
   off        always F.linear (the A/B baseline).
 The kernels run inside the custom op `torch.ops.zinfer.skinny_linear`: torch.compile keeps it as one opaque call

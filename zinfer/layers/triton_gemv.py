@@ -234,10 +234,19 @@ def time_cold(fn) -> float:
     return do_bench(fn, warmup=1, rep=5, return_mode="median")
 
 
+def several_ranks() -> bool:
+    """Whether this process is one of several torch.distributed ranks. Tensor-parallel ranks compute replicated
+    layers (the LM head, an MoE router) each on their own and must get bitwise the same result, so they must run
+    the same kernel: timing on each rank could pick differently (a 2% tie, noise), so they take the heuristic
+    choice, which depends on the shape alone."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def choose(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, tune: bool = True) -> Config:
     (m, k), n = x.shape, w.shape[0]
     cands = candidates(m, n, k, sm_count(x))
-    if not tune or not x.is_cuda:
+    if not tune or not x.is_cuda or several_ranks():
         return cands[0]
     key = tuning_key(x, w, bias)
     if key in _chosen:
