@@ -91,6 +91,12 @@ def test_streamed_layers_count_in_the_decode_floor(tiny, tmp_path, capsys):
     assert 0 <= streamed["decode_bytes_per_step"] - resident["decode_bytes_per_step"] <= layers * 4096 * 2
     assert streamed["prefill_flops"] == resident["prefill_flops"]
     assert streamed["decode_tflops"] > 0
+    # packed int4 codes are half a byte a weight: flops count the weights, resident or streamed
+    quant = ["--quant-bits", "4", "--quant-group-size", "16"]
+    for where in ([], ["--disk-offload", "--offload-dir", tmp_path / "nvme4"]):
+        code, out, _ = main(capsys, *args, *quant, *where)
+        assert code == 0
+        assert json.loads(out)["prefill_flops"] == resident["prefill_flops"], where
 
 
 def test_auto_output_file_writes_seed_log_in_cwd(tiny, tmp_path, capsys, monkeypatch):

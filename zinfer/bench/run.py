@@ -176,13 +176,24 @@ def log_sizes(hf_config, config: BenchConfig, dtype_bytes: int) -> tuple[int, in
     return model, cache, hidden_bytes(hidden, config.batch_size, seq, dtype_bytes)
 
 
+def _quantized(modules) -> list:
+    """The quantized Linears among `modules`: their packed codes, scales and zeros are not one tensor a weight,
+    so their matmul parameters are counted from their shape."""
+    return [m for m in modules if getattr(m, "qspec", None) is not None and hasattr(m, "out_features")]
+
+
 def _weights(model) -> tuple[int, int]:
     """(bytes read, matmul parameters) per decode step. Embedding tables are gathered (B rows), not read,
-    unless the LM head shares one; every other parameter is read once per step."""
+    unless the LM head shares one; every other parameter is read once per step. Streamed layers' modules hold
+    empty tensors between steps: they count nothing here (see _streamed)."""
     head = _first(getattr(model, "lm_head", None), "weight")
     gathered = {id(m.weight) for m in model.modules() if isinstance(m, Embedding) and m.weight is not head}
     params = [p for i, p in {id(p): p for p in model.parameters()}.items() if i not in gathered]
-    return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params if p.ndim >= 2)
+    quantized = [m for m in _quantized(model.modules()) if m.qweight.numel() > 0]
+    packed = {id(p) for m in quantized for p in m.parameters(recurse=False)}
+    matmul = sum(p.numel() for p in params if p.ndim >= 2 and id(p) not in packed)
+    return (sum(p.numel() * p.element_size() for p in params),
+            matmul + sum(m.out_features * m.in_features for m in quantized))
 
 
 def _links(config: BenchConfig, device: torch.device, ceilings: dict) -> dict[str, tuple[str, float]]:
@@ -212,8 +223,16 @@ def _streamed(llm: LLM) -> tuple[int, int]:
         nbytes += layout.nbytes
         for region, (_, size) in enumerate(layout.regions):
             refs = [r for r in layout.refs if r.region == region and len(r.shape) >= 2]
-            if refs:
-                params += min(sum(math.prod(r.shape) for r in refs), size // refs[0].dtype.itemsize)
+            # packed codes (of a quantized Linear, or of the fused weight its views share) hold per_byte weights
+            # a byte; their scales and zeros are no weights
+            codes = [r for r in refs if getattr(r.owner, "qspec", None) is not None and r.attr == "qweight"]
+            dense = [r for r in refs if getattr(r.owner, "qspec", None) is None]
+            # at most the elements the region holds: views into a fused weight count once
+            if codes:
+                per_byte = codes[0].owner.qspec.per_byte
+                params += min(sum(math.prod(r.shape) * per_byte for r in codes), size * per_byte)
+            elif dense:
+                params += min(sum(math.prod(r.shape) for r in dense), size // dense[0].dtype.itemsize)
     return nbytes, params
 
 
