@@ -58,6 +58,25 @@ with fail_fast():
         if rank == 0:
             open(out_path, "w").write(json.dumps(result))
         zinfer.parallel.shutdown()
+    elif mode == "refuse":  # rank 1 alone cannot fit the KV cache: both ranks must refuse, then go on together
+        import zinfer.runtime.generator as generator
+        llm = zinfer.LLM(spec["cases"][0]["dir"], device="cpu", tp=world)
+        fits = generator.check_fits
+        if rank == 1:
+            def no_room(*args, **kwargs):
+                raise zinfer.errors.InputError("the KV cache needs 9 GiB but 1 GiB is free")
+            generator.check_fits = no_room
+        result = {}
+        try:
+            llm.generate(spec["prompts"], zinfer.SamplingParams(max_new_tokens=4))
+        except zinfer.errors.InputError as e:
+            result["refused"] = str(e)
+        generator.check_fits = fits
+        result["tokens"] = [c.token_ids for c in llm.generate(spec["prompts"], zinfer.SamplingParams(max_new_tokens=4))]
+        everyone = llm.tp.all_gather_object(result)
+        if rank == 0:
+            open(out_path, "w").write(json.dumps(everyone))
+        zinfer.parallel.shutdown()
     else:
         if mode == "stall":
             setup(world, torch.device("cpu"), timeout_s=3)  # LLM then joins this group
@@ -261,6 +280,14 @@ def test_tp4_matches_one_process(checkpoints, script, tmp_path):
 @pytest.mark.slow  # 8 processes start on a 2-core machine: ~25 s
 def test_tp8_matches_one_process(checkpoints, script, tmp_path):
     check_parity(8, script, [case(name, checkpoints[name]) for name in WIDE], tmp_path)
+
+
+def test_a_rank_refusing_the_cache_is_a_refusal_on_every_rank(checkpoints, script, tmp_path):
+    proc, got, _ = torchrun(2, script, "refuse", [case("llama", checkpoints["llama"])], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert got[0]["refused"] == "tensor-parallel rank 1: the KV cache needs 9 GiB but 1 GiB is free"
+    assert got[1]["refused"] == "the KV cache needs 9 GiB but 1 GiB is free"
+    assert got[0]["tokens"] == got[1]["tokens"] and len(got[0]["tokens"]) == len(PROMPTS)
 
 
 def test_failing_rank_stops_every_rank(checkpoints, script, tmp_path):

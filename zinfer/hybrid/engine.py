@@ -287,7 +287,7 @@ class HybridEngine:
             self.inference_model = build_empty(self.config, tp=self.tp)
         except InputError as e:
             raise InputError(f"inference_tp_size={inference_tp_size}: {e}") from e
-        self.generator = Generator(self.inference_model, self.device, self.dtype, compile=self.compile)
+        self.generator = Generator(self.inference_model, self.device, self.dtype, compile=self.compile, tp=self.tp)
         self.timings: dict = {}  # the previous iteration's, see `Iteration.report`
         self.last_timings = Timings()  # the last generate()'s prefill/total
         self.inference_mode = False

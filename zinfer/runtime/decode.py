@@ -104,6 +104,15 @@ def check_fits(model: CausalLM, batch_size: int, max_len: int, dtype, device, re
                          "max_new_tokens")
 
 
+def refuse_together(tp: TensorParallel, problem: str | None) -> None:
+    """Raise `problem` (this rank's refusal, or None) on every rank of the group if any rank has one, the
+    refusing rank named, so no rank goes on into a collective that a refusing rank never reaches."""
+    problems = [problem] if tp.size == 1 else tp.all_gather_object(problem)
+    for rank, p in enumerate(problems):
+        if p is not None:
+            raise InputError(p if tp.size == 1 or rank == tp.rank else f"tensor-parallel rank {rank}: {p}")
+
+
 def check_host_fits(nbytes: int, releasable: int = 0, tp: TensorParallel = SINGLE) -> None:
     """Refuse an offloaded KV cache larger than the host memory available, with the numbers.
 

@@ -19,7 +19,7 @@ from zinfer.models.base import CausalLM
 from zinfer.offload.plan import KVChoice, KVPolicy, kv_shape
 from zinfer.parallel import SINGLE, TensorParallel
 from zinfer.runtime.batch import PaddedBatch
-from zinfer.runtime.decode import DecodeState, check_fits, check_host_fits
+from zinfer.runtime.decode import DecodeState, check_fits, check_host_fits, refuse_together
 from zinfer.runtime.sampling import SamplingParams, next_tokens
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Generator:
             if self.kv.offload:
                 self.kv_choice = self._check_offloaded(*key, mean_len or max_len, old)
             else:
-                check_fits(self.model, *key, self.dtype, self.device, releasable=old.device_bytes if old else 0)
+                self._check_gpu_fits(*key, releasable=old.device_bytes if old else 0)
             if self.state is not None:  # the state sits in a reference cycle (its bound forward): free the cache now
                 self.state.cache = None
             self.state = old = None
@@ -100,13 +100,25 @@ class Generator:
             self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph, self.fuse, cache)
         return self.state
 
+    def _check_gpu_fits(self, batch_size: int, max_len: int, **kwargs) -> None:
+        """check_fits on this rank; under tensor parallelism a refusal on any rank is one on every rank (GPUs
+        differ in free memory)."""
+        problem = None
+        try:
+            check_fits(self.model, batch_size, max_len, self.dtype, self.device, **kwargs)
+        except InputError as e:
+            if self.tp.size == 1:
+                raise
+            problem = str(e)
+        if self.tp.size > 1:
+            refuse_together(self.tp, problem)
+
     def _check_offloaded(self, batch_size: int, max_len: int, mean_len: int, old) -> KVChoice:
         """Pick the decode attention method for this batch shape (logged), and check both memories."""
         m = self.model
         choice = self.kv.pick(kv_shape(m, self.dtype), batch_size, mean_len)
         if choice.method == "gpu":  # the double buffer holds one layer's keys and values, twice
-            check_fits(m, batch_size, max_len, self.dtype, self.device, releasable=old.device_bytes if old else 0,
-                       layers=2)
+            self._check_gpu_fits(batch_size, max_len, releasable=old.device_bytes if old else 0, layers=2)
         host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
         check_host_fits(host, releasable=old.host_bytes if old else 0, tp=self.tp)
         log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
