@@ -522,7 +522,14 @@ if __name__ == "__main__":
     rank = dist.get_rank()
     result = {{}}
     for case in sys.argv[2].split(","):
-        if case == "shared":
+        if case == "groups":  # a second engine reuses the job's inference groups: no new communicators
+            from torch.distributed.distributed_c10d import _world
+            counts = []
+            for _ in range(2):
+                HybridEngine(with_lora(tiny("bloom"), "bloom"), inference_tp_size=TP)
+                counts.append(len(_world.pg_names))
+            result[case] = counts
+        elif case == "shared":
             result[case] = shared_case(rank)
         elif case == "errors":
             result[case] = errors()
@@ -619,5 +626,6 @@ def test_inference_tp2_over_fsdp2_ranks_generates_what_peft_does(tmp_path):
 @pytest.mark.slow  # 4 processes start on a 2-core machine: ~35 s
 def test_inference_tp2_groups_in_a_job_of_four(tmp_path):
     """Four ranks, FSDP2 over all four, two inference groups of two: each group generates its ranks' prompts."""
-    got = launch_tp(tmp_path, 4, ["bloom-own-prompts"])
+    got = launch_tp(tmp_path, 4, ["bloom-own-prompts", "groups"])
     check_fsdp_case(got, "bloom-own-prompts")
+    assert [r["groups"][0] == r["groups"][1] for r in got] == [True] * 4, [r["groups"] for r in got]

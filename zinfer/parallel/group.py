@@ -153,9 +153,27 @@ def within_job(size: int, what: str = "tp") -> TensorParallel:
     if world == size:
         return TensorParallel(dist.get_rank(), size, dist.group.WORLD.group_name)
     # Consecutive ranks, as torchrun numbers the processes of one node: a group's all-reduces stay on the
-    # node's links (NVLink) when `size` divides the processes per node.
-    group, _ = dist.new_subgroups(size)
-    return TensorParallel(dist.get_rank(group), size, group.group_name)
+    # node's links (NVLink) when `size` divides the processes per node. Made once per job and size: every new
+    # group is a new set of communicators (NCCL buffers on every GPU) that lives until the job tears down.
+    # Every rank has made the same calls, so every rank finds (or misses) the cached group alike.
+    rank_and_name = _subgroups.get((world, size))
+    if rank_and_name is None or not _registered(rank_and_name[1]):
+        group, _ = dist.new_subgroups(size)
+        rank_and_name = _subgroups[(world, size)] = (dist.get_rank(group), group.group_name)
+    return TensorParallel(rank_and_name[0], size, rank_and_name[1])
+
+
+# (job size, group size) -> this rank's (rank in its group, group name); names only, no ProcessGroup objects
+_subgroups: dict[tuple[int, int], tuple[int, str]] = {}
+
+
+def _registered(name: str) -> bool:
+    """Whether a group of this name is up (a torn-down and restarted job has none of the old ones)."""
+    try:
+        _resolve_process_group(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 def shutdown() -> None:
