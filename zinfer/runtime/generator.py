@@ -100,12 +100,13 @@ class Generator:
             self.state = DecodeState(self.model, *key, self.dtype, self.device, self.use_graph, self.fuse, cache)
         return self.state
 
-    def _check_gpu_fits(self, batch_size: int, max_len: int, **kwargs) -> None:
-        """check_fits on this rank; under tensor parallelism a refusal on any rank is one on every rank (GPUs
-        differ in free memory)."""
+    def _check_gpu_fits(self, batch_size: int, max_len: int, needed: bool = True, **kwargs) -> None:
+        """check_fits on this rank (when `needed`); under tensor parallelism every rank joins, and a refusal on any
+        rank is one on every rank (GPUs differ in free memory, ranks' plans may differ)."""
         problem = None
         try:
-            check_fits(self.model, batch_size, max_len, self.dtype, self.device, **kwargs)
+            if needed:
+                check_fits(self.model, batch_size, max_len, self.dtype, self.device, **kwargs)
         except InputError as e:
             if self.tp.size == 1:
                 raise
@@ -117,8 +118,9 @@ class Generator:
         """Pick the decode attention method for this batch shape (logged), and check both memories."""
         m = self.model
         choice = self.kv.pick(kv_shape(m, self.dtype), batch_size, mean_len)
-        if choice.method == "gpu":  # the double buffer holds one layer's keys and values, twice
-            self._check_gpu_fits(batch_size, max_len, releasable=old.device_bytes if old else 0, layers=2)
+        # the double buffer of the "gpu" method holds one layer's keys and values, twice
+        self._check_gpu_fits(batch_size, max_len, needed=choice.method == "gpu",
+                             releasable=old.device_bytes if old else 0, layers=2)
         host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
         check_host_fits(host, releasable=old.host_bytes if old else 0, tp=self.tp)
         log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
