@@ -381,7 +381,7 @@ class HybridEngine:
             raise InputError("HybridEngine.generate() needs inference mode: call engine.eval() first")
         # under tensor parallelism a rank's own mistake is reported to the whole group (group_batch), so no rank
         # is left waiting in a collective that the others never reach
-        problem, prompts, params, drawn = None, [], SamplingParams(), False
+        problem, prompts, params, drawn, eos, pad = None, [], SamplingParams(), False, [], 0
         try:
             _check_generate_kwargs(kwargs)
             prompts = prompt_lists(input_ids, attention_mask)
@@ -394,12 +394,12 @@ class HybridEngine:
             params = SamplingParams(max_new_tokens=new, temperature=temperature if do_sample else 0.0, top_p=top_p,
                                     top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                     min_new_tokens=min_new_tokens)
-        except (InputError, ValueError) as e:
+            eos = self._eos_ids(eos_token_id)
+            pad = self._pad_id(pad_token_id, eos)
+        except (InputError, ValueError, TypeError) as e:
             if self.tp.size == 1:
                 raise
             problem = f"{type(e).__name__}: {e}"
-        eos = self._eos_ids(eos_token_id)
-        pad = self._pad_id(pad_token_id, eos)
         start = time.perf_counter()
         batch, mine, mine_new = prompts, slice(0, len(prompts)), params.max_new_tokens
         if self.tp.size > 1:
