@@ -91,3 +91,17 @@ def test_offloaded_generation_equals_resident(ckpt, offload, tmp_path):
     assert streamed.plan.streamed
     assert [c.token_ids for c in streamed.generate(PROMPTS, params)] == [
         c.token_ids for c in resident.generate(PROMPTS, params)], kind
+
+
+@pytest.mark.parametrize("quant_bits", [16, 4])
+def test_dummy_weights_are_the_same_resident_or_streamed(quant_bits, tmp_path):
+    # dummy weights are drawn on the GPU whether the model stays there or is streamed from host memory: the
+    # same seed is the same model, and a large dummy model does not wait on CPU random numbers
+    params = zinfer.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    options = dict(dummy=True, seed=5, dtype="float32", device="cuda", compile=False, quant_bits=quant_bits,
+                   quant_group_size=32)
+    resident = [c.token_ids for c in zinfer.LLM("smollm2-135m", **options).generate(prompts, params)]
+    streamed = zinfer.LLM("smollm2-135m", offload="cpu", **options)
+    assert streamed.plan.streamed
+    assert [c.token_ids for c in streamed.generate(prompts, params)] == resident

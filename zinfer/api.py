@@ -110,7 +110,10 @@ class LLM:
         streaming = self.plan is not None and bool(self.plan.streamed)
         # streamed models are read into host memory first, then each unit goes to its planned home
         load_device = torch.device("cpu") if streaming else self.device
-        weights = (iter_dummy(empty, self.dtype, load_device, seed or 0) if dummy else self.source.weights())
+        # dummy weights are drawn on the GPU even for a streamed model (then moved to host memory, or quantized
+        # there first): CPU random numbers are far slower, and the same seed gives the same model either way
+        dummy_device = self.device if self.device.type == "cuda" else load_device
+        weights = (iter_dummy(empty, self.dtype, dummy_device, seed or 0) if dummy else self.source.weights())
         # a bar for a person at a terminal: loading a large checkpoint takes a while; logs stay clean
         weights = tqdm(weights, desc=f"loading {self.source.name}", total=sum(1 for _ in empty.parameters()),
                        unit=" tensors", disable=not (sys.stderr.isatty() and self.tp.is_main), leave=False)
