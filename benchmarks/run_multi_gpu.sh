@@ -9,7 +9,10 @@
 #        GPUs 2,3: the two-GPU test, tp=2 token parity (issues 9, 11), then offloaded tp=2 against tp=1 (issue 9)
 #      (the pairs share the host: the offload run's PCIe traffic can slow the other pair's CPU side a little)
 # Usage (device tool, kind nvidia-h200-x4, carry [".whl"] when it holds wheels the runs need):
-#   [T70=s] [TPAIR=s] bash benchmarks/run_multi_gpu.sh
+#   [T70=s] [TPAIR=s] [SHAPES70=BxPxG,...] bash benchmarks/run_multi_gpu.sh
+# Timings seen on the first call (2026-11-22): ceilings 18 s; the two 70B shapes needed more than 200 s together
+# (the first finished inside them); Llama-3-8B tp=2 vs tp=1 decode ~100 s; the hybrid engine's first cycle ~11 s
+# after that (inductor's on-disk cache warm from the 8B runs), 46 s for one of its three runs.
 set -uo pipefail
 ROOT=${OUT:-./.out}; mkdir -p "$ROOT"
 source benchmarks/device_env.sh
@@ -34,7 +37,7 @@ run() {  # run NAME SECONDS GPUS COMMAND...: one bounded step on the given GPUs;
 TR=(python3 -m torch.distributed.run --nproc-per-node)
 
 run tp4_70b "${T70:-260}" 0,1,2,3 "${TR[@]}" 4 --master-port 29500 \
-    benchmarks/tp.py --cases decode --model llama-2-70b --shapes 1x128x128,32x512x32 --no-tp1 --repeats 2
+    benchmarks/tp.py --cases decode --model llama-2-70b --shapes "${SHAPES70:-1x128x128,32x512x32}" --no-tp1 --repeats 2
 
 pair_a() {
     run tp2_decode 170 0,1 "${TR[@]}" 2 --master-port 29510 benchmarks/tp.py --cases decode --repeats 2
