@@ -92,8 +92,12 @@ def run_case(name, n, k, m, spec, dtype, bw):
     ref = x.float() @ dequantize(qw, torch.float32).t()
     rel = ((quant_matmul(x, qw).float() - ref).norm() / ref.norm()).item()
     best = getattr(tk._gemm_tuned, "best_config", None) if m > tk.SMALL_M else None  # of the gemm_kernel run
+    tuned = {key[5:]: v for key, v in tk.tuned().items() if key[1] == dtype and key[2] == spec.bits}
+    chosen, cands = tuned.get((m, n, k), (None, []))  # M <= TUNED_MAX_M: every candidate kernel, timed cold
     row = dict(name=name, n=n, k=k, m=m, bits=spec.bits, group=spec.group_size, symmetric=spec.symmetric,
                packed_bytes=qw.nbytes, rel_err=rel, ms=t, gemm_config=str(best) if best else None,
+               chosen=list(chosen) if chosen else None,
+               candidates_us=[(kind, cfg, ms * 1e3) for kind, cfg, ms in cands],
                gbps_fused=(qw.nbytes + io) / (t["fused"] * 1e-3) / 1e9,
                gbps_torch_mm=(w.numel() * w.element_size() + io) / (t["torch_mm"] * 1e-3) / 1e9,
                floor_ms=(qw.nbytes + io) / bw * 1e3,  # bytes over the copy bandwidth (read + write)
@@ -175,6 +179,9 @@ def main():
                 r = run_case(name, n, k, m, spec, dtype, bw)
                 rows.append(r)
                 print(_fmt_row(f"int{spec.bits} {name} M={m}", r), r["gemm_config"] or "")
+                for kind, cfg, us in r["candidates_us"]:
+                    mark = "   <- chosen" if [kind, cfg] == r["chosen"] else ""
+                    print(f"    {us:8.1f} us cold  {kind} {cfg}{mark}")
     _write(dict(device=torch.cuda.get_device_name(), copy_bw=bw, dtype=a.dtype, rows=rows), "quant_kernels.json")
 
 

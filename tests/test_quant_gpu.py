@@ -90,3 +90,39 @@ def test_torch_fallback_on_gpu():
     torch.testing.assert_close(quant_matmul(x, qw, impl="torch"), quant_matmul(x, qw), rtol=2e-2, atol=2e-2)
     out = quant_matmul(x.float(), qw)  # fp32 x: torch path
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("spec", SPECS + [QuantSpec(4, 128), QuantSpec(8, 32, symmetric=True)], ids=str)
+def test_every_decode_candidate_matches(spec, dtype):
+    # every kernel the decode-size tuner may pick, forced; K = 4100 is padded to whole groups (x is padded too),
+    # and a forced split-K leaves a ragged tail of words in its last split
+    from zinfer.quant import triton_kernels as tk
+
+    for n, k in [(1000, 4160), (300, 4100)]:
+        qw, w_ref = _weight(n, k, spec, dtype)
+        words = qw.qweight.shape[1] // 4
+        for m in (1, 2, 3, 4):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.float() @ w_ref.t()
+            cands = tk.candidates(x, qw)
+            assert cands[0][0] == "words" and {kind for kind, _ in cands} >= {"words", "gemm"}
+            split = {**tk._words_config(m, n, words, tk.WORDS_TILES[0], 8), "W_PER_SPLIT": 384}
+            for kind, cfg in cands + [("words", split)]:
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                tk._LAUNCH[kind](x, qw, out, dict(cfg))
+                rel = ((out.float() - ref).norm() / ref.norm()).item()
+                assert rel < 1e-2, f"{kind} {cfg} M={m} [{n}, {k}]: relative error {rel:.2e}"
+
+
+def test_tuner_keeps_one_choice_per_shape():
+    from zinfer.quant import triton_kernels as tk
+
+    qw, w_ref = _weight(2048, 1024, QuantSpec(), torch.bfloat16)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    _check(x, qw, w_ref)  # first call times the candidates
+    key = next(k for k in tk.tuned() if k[5:] == (1, 2048, 1024))
+    choice, times = tk.tuned()[key]
+    assert choice in [(kind, cfg) for kind, cfg, _ in times] and all(t > 0 for *_, t in times)
+    _check(x, qw, w_ref)
+    assert tk.tuned()[key][0] == choice

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zinfer.layers.triton_gemv import TIE, _reduce_kernel, several_ranks, split_k, time_cold
 from zinfer.quant.pack import QuantizedWeight
 
 GEMV_MAX_M = 2  # at M = 4 the tensor-core GEMM was already 1.3-1.9x faster than the GEMV
@@ -129,6 +130,103 @@ def _gemv_kernel(
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     acc = tl.sum(acc, axis=2)  # [BM, BN]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+
+
+@triton.jit
+def _words_step(
+    acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, mask,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr,
+):  # fmt: skip
+    # One tile of _gemv_words_kernel: word [BW] word indices in the row (hinted max_contiguous 1 by the caller: the
+    # hint does not survive as an argument), mask [BW] or None.
+    # Returns acc [BW, BN] + s * (sum f * x' - X') + z * X (see the kernel's comment).
+    P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
+    WPG: tl.constexpr = GROUP * BITS // 32  # words per group
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    offs_p = tl.arange(0, P)[None, None, :]
+    w_ptrs = q_rows + word[:, None, None]  # [BW, BN, 1]
+    s_ptrs = s_ptr + s_rows + (word // WPG)[:, None]  # [BW, BN]
+    x_ptrs = x_row + word[:, None, None] * P + offs_p  # [BW, 1, P] int32: pairs of x's 16-bit floats
+    if mask is None:
+        w = tl.load(w_ptrs, eviction_policy="evict_first")  # int32 [BW, BN, 1]
+        s = tl.load(s_ptrs).to(tl.float32)
+        xw = tl.load(x_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=mask[:, None, None], other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
+        xw = tl.load(x_ptrs, mask=mask[:, None, None], other=0)
+    if HAS_ZERO:
+        if mask is None:
+            z = tl.load(z_ptr + s_rows + (word // WPG)[:, None]).to(tl.float32)
+        else:
+            z = tl.load(z_ptr + s_rows + (word // WPG)[:, None], mask=mask[:, None], other=0.0).to(tl.float32)
+    else:
+        z = s * (-HALF)  # (q - HALF) * s = q * s + z
+    if X_BF16:  # bf16 -> fp32 is a 16-bit shift
+        xe = (xw << 16).to(tl.float32, bitcast=True)  # element 2p of the word's span
+        xo = (xw & -65536).to(tl.float32, bitcast=True)  # element 2p + 1
+    else:
+        xe = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xo = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    xsum = tl.sum(xe + xo, axis=2)  # [BW, 1]
+    if BITS == 4:  # both codes of pair p from one shift: even to bits 12..15, odd to bits 16..19
+        src = (w << tl.maximum(12 - 8 * offs_p, 0)) >> tl.maximum(8 * offs_p - 12, 0)  # [BW, BN, P]
+        src = src | 0x3F800000  # then (src | C) & (M | C) = (src & M) | C: one op per code instead of two
+        fe = (src & 0x3F80F000).to(tl.float32, bitcast=True)  # 1 + q * 2^-11
+        fo = (src & 0x3F8F0000).to(tl.float32, bitcast=True)  # 1 + q * 2^-7
+        xe = xe * 2048.0
+        xo = xo * 128.0
+    else:  # one shift per code: byte 2p and 2p + 1 to bits 15..22
+        se = (w << tl.maximum(15 - 16 * offs_p, 0)) >> tl.maximum(16 * offs_p - 15, 0)
+        so = (w << tl.maximum(7 - 16 * offs_p, 0)) >> tl.maximum(16 * offs_p - 7, 0)
+        fe = ((se & 0x7F8000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q * 2^-8
+        fo = ((so & 0x7F8000) | 0x3F800000).to(tl.float32, bitcast=True)
+        xe = xe * 256.0
+        xo = xo * 256.0
+    xsum_scaled = tl.sum(xe + xo, axis=2)  # [BW, 1]
+    dot = tl.sum(fe * xe + fo * xo, axis=2)  # [BW, BN]: the P pairs are in one thread, no shuffle
+    return acc + s * (dot - xsum_scaled) + z * xsum
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_words_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, KW, W_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    # x: int32 view [M, KW * P] (pairs of fp16/bf16; K padded to whole groups); q: int32 view [N, KW] of qweight,
+    # one word = 32 / BITS codes; s, z [N, NGROUPS]; out [SPLITS, M, N] (fp32 partials, x's dtype for one split).
+    # Grid (M, N tiles, splits): the M programs of a weight tile run together and share it through L2.
+    #
+    # Codes become floats with one shift (per pair of int4 codes, or per int8 code) and one and-or: the code is
+    # placed in the top of an fp32 mantissa of exponent 0, f = 1 + q * 2^-b, and x is prescaled by 2^b (exact), so
+    # sum_k w_k x_k = s * (sum f x' - sum x') + z * sum x over a word's span (one group). Each thread keeps its own
+    # partial sum per row; the reduction across threads happens once, after the loop.
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: the main loop's loads stay unpredicated
+    q_rows = q_ptr + rows[None, :, None] * stride_qn  # [1, BN, 1]
+    s_rows = rows[None, :] * stride_sn  # [1, BN]
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    offs_w = tl.arange(0, BLOCK_W)
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    w_start = pid_s * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, KW)
+    w_full = w_start + (w_end - w_start) // BLOCK_W * BLOCK_W
+    for w0 in tl.range(w_start, w_full, BLOCK_W, num_stages=NUM_STAGES):
+        word = tl.max_contiguous(w0 + offs_w, 1)  # one word per thread: the x pairs' layout, no shuffle
+        acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, None,
+                                BITS, GROUP, HAS_ZERO, X_BF16)  # fmt: skip
+    if w_full < w_end:  # ragged end (the last split only)
+        word = tl.max_contiguous(w_full + offs_w, 1)
+        acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, word < w_end,
+                                BITS, GROUP, HAS_ZERO, X_BF16)  # fmt: skip
+    res = tl.sum(acc, axis=0)  # [BN]
+    out = out_ptr + pid_s * stride_os + m * stride_om + offs_n
+    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
@@ -266,6 +364,58 @@ def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
     return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
 
 
+def words_ok(qw: QuantizedWeight) -> bool:
+    """Whether the word kernel takes this weight: whole 32-bit words of codes per group, a word-aligned qweight."""
+    q, s = qw.qweight, qw.spec
+    return (s.group_size * s.bits) % 32 == 0 and q.stride(-1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
+
+
+def _x_pairs(x: torch.Tensor, kp: int) -> torch.Tensor:
+    """x [M, K] fp16/bf16 as int32 pairs [M, kp / 2]; a copy zero-padded to kp when K < kp or x is misaligned."""
+    m, k = x.shape
+    if k != kp or x.stride(0) % 2 or x.data_ptr() % 4:
+        padded = x.new_zeros(m, kp)
+        padded[:, :k] = x
+        x = padded
+    return x.view(torch.int32)
+
+
+def _reduce(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out [M, N] = fp32 split partials [S, M, N] summed in split order (deterministic), rounded once."""
+    mn, block = out.numel(), 1024
+    _reduce_kernel[(triton.cdiv(mn, block),)](part, out, out, mn, out.shape[-1], part.shape[0], HAS_BIAS=False,
+                                              BLOCK=block)  # fmt: skip
+
+
+def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
+    """The word kernel: x [M, K] (unit column stride; M small), out [M, N] contiguous; cfg overrides WORDS_TILES[0]."""
+    (m, _), (n, _) = x.shape, qw.shape
+    if not words_ok(qw):
+        raise ValueError(f"gemv_words: needs group_size * bits % 32 == 0 and a word-aligned qweight, got {qw.spec}")
+    q32 = qw.qweight.view(torch.int32)  # [N, KW]
+    kw = q32.shape[1]
+    cfg = {**_words_config(m, n, kw, WORDS_TILES[0], _sm_count(x)), **(cfg or {})}
+    per = cfg.pop("W_PER_SPLIT") or kw
+    splits = triton.cdiv(kw, per)
+    xw = _x_pairs(x, qw.padded_k)
+    part = _partials(out, splits)
+    grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), splits)
+    _gemv_words_kernel[grid](
+        xw, q32, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
+        m, n, kw, per, xw.stride(0), q32.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
+        BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None,
+        X_BF16=x.dtype == torch.bfloat16, num_stages=cfg["NUM_STAGES"], **cfg,
+    )  # fmt: skip
+    if splits > 1:
+        _reduce(part, out)
+
+
+def _words_config(m: int, n: int, kw: int, tile: tuple, n_sm: int) -> dict:
+    bn, bw, warps, stages = tile
+    per = split_k(kw, m * triton.cdiv(n, bn), bw, n_sm)
+    return dict(BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, NUM_STAGES=stages, W_PER_SPLIT=per)
+
+
 def gemv(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
     """x [M, K] (unit column stride), out [M, N] contiguous; cfg overrides _gemv_config."""
     (m, _), (n, k) = x.shape, qw.shape
@@ -281,7 +431,7 @@ def gemv(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | No
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, **cfg,
     )  # fmt: skip
     if splits > 1:
-        out.copy_(part.sum(0))
+        _reduce(part, out)
 
 
 def gemm(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
@@ -311,7 +461,7 @@ def gemm(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | No
         **args, **cfg,
     )  # fmt: skip
     if splits > 1:
-        out.copy_(part.sum(0))
+        _reduce(part, out)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -340,8 +490,9 @@ def fused_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     if m > 0:
         with torch.cuda.device(x.device):
             qw = _contiguous(qw)
-            if m <= GEMV_MAX_M:
-                gemv(x2, qw, out)
+            if m <= TUNED_MAX_M:
+                kind, cfg = choose(x2, qw)
+                _LAUNCH[kind](x2, qw, out, dict(cfg))
             elif m < DEQUANT_MIN_M:
                 gemm(x2, qw, out)
             else:
@@ -353,3 +504,56 @@ def _contiguous(qw: QuantizedWeight) -> QuantizedWeight:
     if all(t.is_contiguous() for t in qw.tensors().values()):
         return qw
     return qw._map(lambda t: t.contiguous())
+
+
+# ---- choosing a kernel for decode-sized M ---------------------------------------------------------------------------
+# Every (M, N, K, format) up to TUNED_MAX_M rows is timed once, cold L2, against its candidates, and the first within
+# TIE of the fastest is kept: the same mechanism as the dense skinny matmuls (zinfer/layers/triton_gemv.py), under the
+# same switch (ZINFER_GEMV: "auto" times; "heuristic" / "off" and ranks of a multi-process job take the first).
+
+TUNED_MAX_M = 4
+# (BLOCK_N, BLOCK_W, num_warps, NUM_STAGES) of the word kernel, in order of preference; BLOCK_W = 32 * num_warps:
+# one word per thread per row, so the x pairs and the codes share one layout (a wider tile made Triton vectorize the
+# word loads and move them through shared memory with barriers, seen in the TTGIR).
+WORDS_TILES = [(8, 128, 4, 1), (4, 128, 4, 1), (8, 256, 4, 1), (4, 256, 4, 1), (16, 128, 4, 1), (8, 128, 4, 3)]
+_LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm}
+_chosen: dict[tuple, tuple[str, dict]] = {}
+_timings: dict[tuple, list[tuple[str, dict, float]]] = {}
+
+
+def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
+    """(kernel, config) pairs worth timing for x [M, K] @ qw, the heuristic's pick first."""
+    m, n = x.shape[0], qw.shape[0]
+    out = []
+    if words_ok(qw):
+        kw = qw.qweight.shape[1] // 4
+        out += [("words", _words_config(m, n, kw, tile, _sm_count(x))) for tile in WORDS_TILES]
+    if m <= GEMV_MAX_M:
+        out.append(("groups", {}))
+    out.append(("gemm", {}))
+    return out
+
+
+def choose(x: torch.Tensor, qw: QuantizedWeight) -> tuple[str, dict]:
+    from zinfer.layers import gemv as dense
+
+    cands = candidates(x, qw)
+    if dense.MODE != "auto" or not x.is_cuda or several_ranks():
+        return cands[0]
+    s = qw.spec
+    key = (str(x.device), x.dtype, s.bits, s.group_size, s.symmetric, x.shape[0], *qw.shape)
+    if key in _chosen:
+        return _chosen[key]
+    if torch.cuda.is_current_stream_capturing():  # cannot time now; do not remember, so a later call can
+        return cands[0]
+    out = torch.empty(x.shape[0], qw.shape[0], dtype=x.dtype, device=x.device)
+    times = [(kind, cfg, time_cold(lambda k=kind, c=cfg: _LAUNCH[k](x, qw, out, dict(c)))) for kind, cfg in cands]
+    best = min(t for *_, t in times)
+    _timings[key] = times
+    _chosen[key] = next((kind, cfg) for kind, cfg, t in times if t <= TIE * best)
+    return _chosen[key]
+
+
+def tuned() -> dict[tuple, tuple[tuple[str, dict], list[tuple[str, dict, float]]]]:
+    """What `choose` measured so far: key -> ((kernel, config), [(kernel, config, median ms)])."""
+    return {key: (_chosen[key], _timings[key]) for key in _chosen}
