@@ -165,7 +165,7 @@ def test_costs_follow_the_formulas():
     gpu_s, cpu_s = kv_attention_costs(SHAPE, batch=8, length=1000, bw=bw)
     elements = 2 * 8 * 1000 * 72 * 128
     assert gpu_s == pytest.approx(64 * elements * 2 / 25e9)
-    per_layer = max(4 * 8 * 72 * 1000 * 128 / 1e12, elements * (2 + 8) / 100e9) + 30e-6
+    per_layer = max(4 * 8 * 72 * 1000 * 128 / 1e12, elements * (2 + 8) / (100e9 * 0.4)) + 30e-6
     assert cpu_s == pytest.approx(64 * per_layer)
     # streamed weights share PCIe with the gpu method; the cpu method overlaps them
     gpu_w, cpu_w = kv_attention_costs(SHAPE, 8, 1000, bw, streamed_bytes=25 * GiB)
@@ -174,7 +174,7 @@ def test_costs_follow_the_formulas():
 
 
 def test_pick_by_bandwidth_batch_and_override():
-    bw = Bandwidths(pcie=25e9, host_memory=200e9, cpu_flops=2e12, source="fake")
+    bw = Bandwidths(pcie=25e9, host_memory=600e9, cpu_flops=2e12, source="fake")
     assert pick_kv_attention(SHAPE, 64, 540, bw).method == "cpu"
     # tiny batch: the CPU's per-layer round trip outweighs the few bytes the GPU would fetch
     assert pick_kv_attention(SHAPE, 1, 16, bw).method == "gpu"
@@ -315,3 +315,29 @@ def test_gpu_large_host_arrays_registered_in_place():
     assert torch.equal(arrays[1].cuda(), src)
     del arrays  # unregisters first
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_cache_attends_on_host_in_fp32_chunks(llama, dtype, monkeypatch):
+    # a half-precision cache attends on the CPU in fp32 through reused buffers, a few sequences a call: one sequence
+    # per call gives the tokens of the whole batch at once (each sequence's math is the same), and the buffers stay
+    import zinfer.kv.offloaded as offloaded
+
+    made, init = [], HostAttentionKVCache.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(HostAttentionKVCache, "__init__", recorded)
+
+    def run(chunk_bytes):
+        monkeypatch.setattr(offloaded, "HOST_CHUNK_BYTES", chunk_bytes)
+        return tokens(zinfer.LLM(str(llama), dtype=dtype, device="cpu", kv_offload=True, kv_attention="cpu"))
+
+    whole = run(1 << 40)
+    assert "k32" in made[-1].staging and made[-1].upcast_buffers()[0].shape[0] == len(PROMPTS)
+    one_each = run(1)
+    assert one_each == whole
+    k32, v32 = made[-1].upcast_buffers()
+    assert k32.shape[0] == 1 and k32.dtype == v32.dtype == torch.float32

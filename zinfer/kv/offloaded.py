@@ -207,9 +207,12 @@ class PrefetchKVCache(OffloadedKVCache):
             return _Fetched(n, b, self.record(self.copy_stream))
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    # CPUs without half-precision matmul units run fp16/bf16 matmuls several times slower than fp32
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+HOST_CHUNK_BYTES = 64 << 20  # fp32 keys + values of the sequences one host attention call takes: a reused buffer
+
+
+def _rows(x: torch.Tensor | None, b0: int, b1: int, batch: int) -> torch.Tensor | None:
+    """Sequences [b0, b1) of a mask [B, 1, 1, n] or bias [B, H, 1, n]; one broadcast over the batch stays whole."""
+    return x if x is None or x.shape[0] != batch else x[b0:b1]
 
 
 class HostAttentionKVCache(OffloadedKVCache):
@@ -230,8 +233,32 @@ class HostAttentionKVCache(OffloadedKVCache):
         keys[s].copy_(k)
         values[s].copy_(v)
         mask, bias = self.host_inputs(inp.mask, bias, s + 1)
-        out = fn(_upcast(q), _upcast(_keys_view(keys[:s + 1])), _upcast(_keys_view(values[:s + 1])), mask, bias)
+        k_all, v_all = _keys_view(keys[:s + 1]), _keys_view(values[:s + 1])  # [B, H_kv, n, D] views
+        if k_all.dtype == torch.float32:
+            return self.to_device(fn(q, k_all, v_all, mask, bias))
+        # Half-precision matmuls are slow on most CPUs, so attention runs in fp32, a few sequences at a time through
+        # reused buffers: upcasting the layer's whole cache made (and page-faulted) fresh fp32 copies of it every
+        # step, 7x slower than streaming the weights (OPT-66B, batch 16, BENCHMARKS.md).
+        b, n = k_all.shape[0], k_all.shape[2]
+        k32, v32 = self.upcast_buffers()
+        per = k32.shape[0]
+        out = torch.empty(q.shape, dtype=torch.float32)
+        for b0 in range(0, b, per):
+            b1 = min(b, b0 + per)
+            kc, vc = k32[:b1 - b0, :, :n], v32[:b1 - b0, :, :n]
+            kc.copy_(k_all[b0:b1])
+            vc.copy_(v_all[b0:b1])
+            out[b0:b1] = fn(q[b0:b1].float(), kc, vc, _rows(mask, b0, b1, b), _rows(bias, b0, b1, b))
         return self.to_device(out.to(self.dtype))
+
+    def upcast_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 keys and values [S, H_kv, T_max, D] for S sequences, S sized to HOST_CHUNK_BYTES (at least 1)."""
+        if "k32" not in self.staging:
+            t_max, _, h, d = self.shape
+            per = max(1, min(self.shape[1], HOST_CHUNK_BYTES // (2 * h * t_max * d * 4)))
+            for name in ("k32", "v32"):
+                self.staging[name] = torch.empty(per, h, t_max, d, dtype=torch.float32)
+        return self.staging["k32"], self.staging["v32"]
 
     def stage(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = self.staging.get(name)

@@ -148,6 +148,10 @@ def make_plan(model: nn.Module, options: EngineConfig, device: torch.device, dty
 NOMINAL_HOST_MEMORY = 50e9  # bytes/s a CPU streams from DRAM: attention on the CPU is bound by it
 NOMINAL_CPU_FLOPS = 200e9  # fp32 FLOP/s of a server CPU's cores together
 HOST_ROUND_TRIP = 30e-6  # s per layer for CPU attention: a device sync plus two small copies
+# Measured fraction of the host copy bandwidth that CPU attention over a half-precision cache reaches: OPT-66B int4,
+# batch 16, 544 tokens, H200 host (183 GB/s copy): 21.7 ms a layer against 8.7 ms modelled (BENCHMARKS.md). The
+# gather of the token-major cache into [B, H, n, D] fp32 is the likely cost (not profiled).
+HOST_ATTENTION_EFFICIENCY = 0.4
 HOST_RESERVE = 4 << 30  # host bytes left for everything but the cache when sizing batches
 GPU_FILL, HOST_FILL = 0.95, 0.9  # fractions of free memory a cache may take (the runtime checks the same)
 
@@ -231,13 +235,15 @@ def kv_attention_costs(shape: KVShape, batch: int, length: int, bw: Bandwidths,
     gpu: every layer's keys and values cross PCIe, 2·B·n·H_kv·D elements, sharing the link with the weights
     streamed per step. cpu: q, k, v and the output (~B·(2·H + 2·H_kv)·D) cross PCIe; the CPU does 4·B·H·n·D
     FLOPs (scores and weighted sum) and reads the cache from DRAM, upcasting half precision to fp32 (read 2,
-    write 4, read 4 bytes an element); the GPU waits on each layer, the weight stream overlaps.
+    write 4, read 4 bytes an element) at HOST_ATTENTION_EFFICIENCY of the host copy rate; the GPU waits on each
+    layer, the weight stream overlaps.
     """
     elements = 2 * batch * length * shape.kv_heads * shape.head_dim  # keys and values of one layer
     gpu_s = (streamed_bytes + shape.layers * elements * shape.itemsize) / bw.pcie
     touched = shape.itemsize + (8 if shape.itemsize < 4 else 0)
     flops = 4 * batch * shape.heads * length * shape.head_dim
-    per_layer = max(flops / bw.cpu_flops, elements * touched / bw.host_memory) + HOST_ROUND_TRIP
+    per_layer = max(flops / bw.cpu_flops, elements * touched / (bw.host_memory * HOST_ATTENTION_EFFICIENCY))
+    per_layer += HOST_ROUND_TRIP
     cpu_s = max(streamed_bytes / bw.pcie, shape.layers * per_layer)
     return gpu_s, cpu_s
 
