@@ -73,7 +73,7 @@ def main():
     args = ap.parse_args()
     ceil = get_ceilings("cuda", disk_dir=tempfile.gettempdir())
     h2d = ceil["h2d_pinned_bytes_per_s"]
-    disk = next(iter(ceil.get("disk", {}).values()), {}).get("read_bytes_per_s")
+    disk = next(iter(ceil.get("disk", {}).values()), {}).get("bytes_per_s")  # O_DIRECT read rate
     results = dict(device=torch.cuda.get_device_name(), ceilings=ceil, cases={})
     for name in args.cases.split(","):
         t = time.perf_counter()
