@@ -2,20 +2,25 @@
 
 Imported only on CUDA machines with Triton (ops.py imports it lazily).
 
-Dispatch by M = rows of x (thresholds measured on an H100, benchmarks/quant_kernels.py):
-  M <= GEMV_MAX_M            GEMV kernel: CUDA cores, fp32. A tile is [BLOCK_N rows, GROUPS
-                             groups, GB bytes of one group], so scale and zero are one load per
-                             (row, group), and the scale is factored out of the group sum:
-                             sum_k x_k (q_k s + z) = s * sum_k x_k q_k + z * sum_k x_k. 4-bit bytes
-                             split into low / high nibbles meet the even / odd elements of x.
+Dispatch by M = rows of x:
+  M <= TUNED_MAX_M           decode sizes: `choose` times the candidates once per shape (cold L2) and keeps the
+                             fastest (ZINFER_GEMV=auto; other modes and multi-rank jobs take the first):
+      "words"   word GEMV, CUDA cores, fp32 (_gemv_words_kernel): one 32-bit word of codes per thread and row,
+                in the layout of the x pairs it meets, so the loop has no layout conversion; a code becomes a
+                float by one shift and one and-or (placed in the mantissa of 1.0, x prescaled to match).
+                Grid over M too: the rows of x share each weight tile through L2. Needs group_size * bits
+                a multiple of 32 (whole words per group).
+      "groups"  group GEMV (_gemv_kernel, M <= GEMV_MAX_M): a tile is [BLOCK_N rows, GROUPS groups, GB bytes
+                of one group]; the scale is factored out of each group's sum. Any group size.
+      "gemm"    the tensor-core kernel below with its fixed small-M config.
   M <  DEQUANT_MIN_M         GEMM kernel: weight tile [BLOCK_N, BLOCK_K] dequantized in
                              registers, tl.dot (tensor cores) with an fp32 accumulator. Fixed
                              config with split-K up to SMALL_M (few tiles cannot fill the GPU),
                              autotuned above.
   M >= DEQUANT_MIN_M         compute-bound: dequantize the layer with a Triton kernel into a
                              scratch [N, K] and use cuBLAS, whose matmul outruns the fused one.
-Split-K writes fp32 partials, reduced by torch. Codes become floats by the 2^23 trick, not I2F
-(a quarter-rate instruction that bounded the kernels). Autotuning benchmarks on a shape's first
+Split-K writes fp32 partials, summed in split order by one kernel. Codes become floats by mantissa tricks,
+not I2F (a quarter-rate instruction that bounded the kernels). Tuning and autotuning run on a shape's first
 call: warm up before capturing a CUDA graph.
 """
 
