@@ -92,7 +92,7 @@ def run_case(name, n, k, m, spec, dtype, bw):
     ref = x.float() @ dequantize(qw, torch.float32).t()
     rel = ((quant_matmul(x, qw).float() - ref).norm() / ref.norm()).item()
     best = getattr(tk._gemm_tuned, "best_config", None) if m > tk.SMALL_M else None  # of the gemm_kernel run
-    tuned = {key[5:]: v for key, v in tk.tuned().items() if key[1] == dtype and key[2] == spec.bits}
+    tuned = {key[5:8]: v for key, v in tk.tuned().items() if key[1] == dtype and key[2] == spec.bits}
     chosen, cands = tuned.get((m, n, k), (None, []))  # M <= TUNED_MAX_M: every candidate kernel, timed cold
     row = dict(name=name, n=n, k=k, m=m, bits=spec.bits, group=spec.group_size, symmetric=spec.symmetric,
                packed_bytes=qw.nbytes, rel_err=rel, ms=t, gemm_config=str(best) if best else None,

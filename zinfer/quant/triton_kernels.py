@@ -546,7 +546,8 @@ def choose(x: torch.Tensor, qw: QuantizedWeight) -> tuple[str, dict]:
     if dense.MODE != "auto" or not x.is_cuda or several_ranks():
         return cands[0]
     s = qw.spec
-    key = (str(x.device), x.dtype, s.bits, s.group_size, s.symmetric, x.shape[0], *qw.shape)
+    # the last field: whether this tensor's alignment admits the word kernel (a view may not, where another did)
+    key = (str(x.device), x.dtype, s.bits, s.group_size, s.symmetric, x.shape[0], *qw.shape, words_ok(qw))
     if key in _chosen:
         return _chosen[key]
     if torch.cuda.is_current_stream_capturing():  # cannot time now; do not remember, so a later call can
