@@ -251,6 +251,23 @@ def test_compare_runs_only_the_peers_named(tiny, capsys):
     assert code == 2 and "unknown peer vllm; choose from transformers, accelerate, deepspeed" in err
 
 
+def test_peer_times_prefill_and_total_in_one_generate(tiny):
+    # prefill ends at the first forward's logits of the same call: decode = total - prefill cannot come out
+    # negative or near zero from two separate runs' noise (it did on tiny models: a 60e9 tokens/s "decode")
+    from zinfer.bench.peers import TransformersPeer
+
+    peer = TransformersPeer()
+    peer.model, peer.device = tiny[1].eval(), torch.device("cpu")
+    ids = torch.randint(5, 100, (2, 8))
+    t = peer.generate(ids, torch.ones_like(ids), gen_len=6)
+    assert 0 < t.prefill < t.total
+    with pytest.raises(RuntimeError, match="asked for 6 new tokens, got 2"):
+        peer.model.generation_config.max_length = None
+        original = peer.model.generate
+        peer.model.generate = lambda **kw: original(**{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+        peer.generate(ids, torch.ones_like(ids), gen_len=6)
+
+
 def test_deepspeed_config_is_get_ds_models():
     h = 64
     cpu = ds_zero3_config(BenchConfig(cpu_offload=True, batch_size=8, quant_bits=4), h, torch.float16)

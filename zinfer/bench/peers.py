@@ -1,10 +1,13 @@
 """The systems `zinfer compare` runs the same workload on: transformers, accelerate offload, DeepSpeed ZeRO-3.
 
 Each peer is a small class: `name`, `available() -> (ok, reason)`, `load(config, source, dtype, device)`
-and `generate(input_ids, attention_mask, gen_len) -> PeerTimings`. Timing is the same for all: prefill is a
-`generate` of one new token, total a `generate` of `gen_len`, both with `min_new_tokens` forcing the length
-and the device synchronised around them. `load` raises `PeerSkipped` when the workload cannot run on
-that peer here (e.g. offload peers on a CPU-only machine).
+and `generate(input_ids, attention_mask, gen_len) -> PeerTimings`. Timing is the same for all, and as the seed's:
+one `generate` of `gen_len` tokens (`min_new_tokens` forcing the length), the device synchronised around it; its
+prefill ends where the first forward pass's logits reach the logits processors (the device synchronised there).
+Prefill and total come from the same call, so decode = total - prefill is never a difference of two runs' noise
+(timing prefill as a separate one-token `generate` gave tiny models negative or near-zero decode times).
+`load` raises `PeerSkipped` when the workload cannot run on that peer here (e.g. offload peers on a CPU-only
+machine).
 """
 
 from __future__ import annotations
@@ -25,8 +28,21 @@ DS_FAMILIES = ("bloom", "opt", "llama", "mixtral")  # get_ds_model's model-class
 
 @dataclass
 class PeerTimings:
-    prefill: float  # seconds: generate with max_new_tokens=1
-    total: float  # seconds: generate with max_new_tokens=gen_len
+    prefill: float  # seconds from the call to the first forward pass's logits
+    total: float  # seconds of the whole generate of gen_len tokens
+
+
+class _FirstLogits:
+    """A logits processor that only records when the first forward pass's logits arrive (prefill's end)."""
+
+    def __init__(self, device: torch.device | None, start: float):
+        self.device, self.start, self.seconds = device, start, None
+
+    def __call__(self, input_ids, scores):
+        if self.seconds is None:
+            sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+        return scores
 
 
 class PeerSkipped(Exception):
@@ -82,21 +98,23 @@ class HFGeneratePeer:
     def available(self) -> tuple[bool, str]:
         return importable("transformers")
 
-    def _timed(self, input_ids, attention_mask, new: int) -> float:
+    def generate(self, input_ids, attention_mask, gen_len: int) -> PeerTimings:
+        from transformers import LogitsProcessorList
+
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         sync(self.device)
         start = time.perf_counter()
+        first = _FirstLogits(self.device, start)
         with torch.no_grad():  # as the seed; inference_mode tensors break ZeRO-3's in-place parameter gathers
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new,
-                                      min_new_tokens=new, do_sample=False, pad_token_id=self.pad)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=gen_len,
+                                      min_new_tokens=gen_len, do_sample=False, pad_token_id=self.pad,
+                                      logits_processor=LogitsProcessorList([first]))
         sync(self.device)
-        seconds = time.perf_counter() - start
-        if out.shape[1] != input_ids.shape[1] + new:
-            raise RuntimeError(f"{self.name}: asked for {new} new tokens, got {out.shape[1] - input_ids.shape[1]}")
-        return seconds
-
-    def generate(self, input_ids, attention_mask, gen_len: int) -> PeerTimings:
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        return PeerTimings(self._timed(input_ids, attention_mask, 1), self._timed(input_ids, attention_mask, gen_len))
+        total = time.perf_counter() - start
+        new = out.shape[1] - input_ids.shape[1]
+        if new != gen_len or first.seconds is None:
+            raise RuntimeError(f"{self.name}: asked for {gen_len} new tokens, got {new}")
+        return PeerTimings(first.seconds, total)
 
     def unload(self) -> None:
         self.model = None
