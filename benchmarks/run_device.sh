@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the named benchmark cases. Results land in $OUT.
 # Usage (device tool):  [TESTS=all|none|<-k expr>] [TEST_TIMEOUT=s] [BENCH_CASES="in_gpu offload"] [BENCH_ARGS=...]
-#                        bash benchmarks/run_device.sh
+#                        [ARGS_<case>=...] [TIMEOUT_<case>=s] bash benchmarks/run_device.sh
+# ARGS_<case> (e.g. ARGS_offload="--cases mixtral-over-gpu --no-peer") replaces BENCH_ARGS for that case, and
+# TIMEOUT_<case> bounds it, so one call can run several scripts with their own arguments inside its limit.
 set -uo pipefail
 OUT=${OUT:-./.out}; mkdir -p "$OUT"
 source benchmarks/device_env.sh
@@ -13,5 +15,7 @@ if [ "${TESTS:-all}" != "none" ]; then
     timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests -p no:cacheprovider "${sel[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 for case in ${BENCH_CASES:-in_gpu offload}; do
-    python3 benchmarks/$case.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$case.log" | tail -12
+    args_var="ARGS_$case" timeout_var="TIMEOUT_$case"
+    timeout "${!timeout_var:-600}" python3 benchmarks/$case.py ${!args_var-${BENCH_ARGS:-}} 2>&1 \
+        | tee "$OUT/bench_$case.log" | tail -12
 done
