@@ -98,6 +98,11 @@ def run_case(name, n, k, m, spec, dtype, bw):
                packed_bytes=qw.nbytes, rel_err=rel, ms=t, gemm_config=str(best) if best else None,
                chosen=list(chosen) if chosen else None,
                candidates_us=[(kind, cfg, ms * 1e3) for kind, cfg, ms in cands],
+               # the same candidates replayed in a CUDA graph over rotated weight copies, as decode runs them: the
+               # tuner's cold timings include each launch's Python cost, which can exceed these kernels' GPU time
+               candidates_graph_us=[(kind, cfg, 1e3 * graph_time(
+                   [lambda q=q, kind=kind, cfg=cfg: tk._LAUNCH[kind](x, q, out, dict(cfg)) for q in qws]))
+                   for kind, cfg, _ in cands],
                gbps_fused=(qw.nbytes + io) / (t["fused"] * 1e-3) / 1e9,
                gbps_torch_mm=(w.numel() * w.element_size() + io) / (t["torch_mm"] * 1e-3) / 1e9,
                floor_ms=(qw.nbytes + io) / bw * 1e3,  # bytes over the copy bandwidth (read + write)
@@ -121,8 +126,13 @@ def sweep(n, k, m, spec, dtype):
             for tile in (1024, 2048, 4096) if m == 1 else (2048,):
                 groups = min(ngroups, max(1, tile // (block_n * gb)))
                 per = tk._split(ngroups, triton.cdiv(n, block_n), n_sm, groups)
-                for xs in (False, True):
-                    cfgs.append((tk.gemv, dict(BLOCK_N=block_n, GROUPS=groups, GROUPS_PER_SPLIT=per, X_STRIDED=xs)))
+                cfgs.append((tk.gemv, dict(BLOCK_N=block_n, GROUPS=groups, GROUPS_PER_SPLIT=per)))
+        if tk.words_ok(qws[0]):  # the word kernel over a wider grid of tiles than the tuner's list
+            kw = qws[0].qweight.shape[1] // 4
+            for bn in (2, 4, 8, 16):
+                for warps in (2, 4, 8):
+                    for stages in (1, 3):
+                        cfgs.append((tk.gemv_words, tk._words_config(m, n, kw, (bn, 32 * warps, warps, stages), n_sm)))
     bm = max(16, triton.next_power_of_2(m))
     for swap in (False, True):
         for bn in (64, 128):
@@ -179,9 +189,9 @@ def main():
                 r = run_case(name, n, k, m, spec, dtype, bw)
                 rows.append(r)
                 print(_fmt_row(f"int{spec.bits} {name} M={m}", r), r["gemm_config"] or "")
-                for kind, cfg, us in r["candidates_us"]:
+                for (kind, cfg, us), (_, _, graph_us) in zip(r["candidates_us"], r["candidates_graph_us"]):
                     mark = "   <- chosen" if [kind, cfg] == r["chosen"] else ""
-                    print(f"    {us:8.1f} us cold  {kind} {cfg}{mark}")
+                    print(f"    {us:8.1f} us cold  {graph_us:8.1f} us in a graph  {kind} {cfg}{mark}")
     _write(dict(device=torch.cuda.get_device_name(), copy_bw=bw, dtype=a.dtype, rows=rows), "quant_kernels.json")
 
 
