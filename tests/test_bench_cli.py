@@ -261,11 +261,13 @@ def test_peer_times_prefill_and_total_in_one_generate(tiny):
     ids = torch.randint(5, 100, (2, 8))
     t = peer.generate(ids, torch.ones_like(ids), gen_len=6)
     assert 0 < t.prefill < t.total
-    with pytest.raises(RuntimeError, match="asked for 6 new tokens, got 2"):
-        peer.model.generation_config.max_length = None
-        original = peer.model.generate
-        peer.model.generate = lambda **kw: original(**{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-        peer.generate(ids, torch.ones_like(ids), gen_len=6)
+    original = peer.model.generate
+    peer.model.generate = lambda **kw: original(**{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+    try:  # the fixture's model is shared: put its generate back
+        with pytest.raises(RuntimeError, match="asked for 6 new tokens, got 2"):
+            peer.generate(ids, torch.ones_like(ids), gen_len=6)
+    finally:
+        del peer.model.generate
 
 
 def test_deepspeed_config_is_get_ds_models():

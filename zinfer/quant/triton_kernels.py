@@ -206,8 +206,10 @@ def _gemv_words_kernel(
     #
     # Codes become floats with one shift (per pair of int4 codes, or per int8 code) and one and-or: the code is
     # placed in the top of an fp32 mantissa of exponent 0, f = 1 + q * 2^-b, and x is prescaled by 2^b (exact), so
-    # sum_k w_k x_k = s * (sum f x' - sum x') + z * sum x over a word's span (one group). Each thread keeps its own
-    # partial sum per row; the reduction across threads happens once, after the loop.
+    # sum_k w_k x_k = s * (sum f x' - sum x') + z * sum x over a word's span (one group). Precision: the sum f x' is
+    # ~2^11 times sum q x for int4, so subtracting sum x' after it costs ~11 bits of fp32 (relative error ~3e-5 at
+    # K = 8192; the group GEMV ~5e-7): below bf16 rounding, about one fp16 ulp on a few outputs. Each thread keeps
+    # its own partial sum per row; the reduction across threads happens once, after the loop.
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -397,6 +399,8 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
     (m, _), (n, _) = x.shape, qw.shape
     if not words_ok(qw):
         raise ValueError(f"gemv_words: needs group_size * bits % 32 == 0 and a word-aligned qweight, got {qw.spec}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gemv_words: x must be fp16 or bf16 (read as 16-bit pairs), got {x.dtype}")
     q32 = qw.qweight.view(torch.int32)  # [N, KW]
     kw = q32.shape[1]
     cfg = {**_words_config(m, n, kw, WORDS_TILES[0], _sm_count(x)), **(cfg or {})}
@@ -517,6 +521,7 @@ def _contiguous(qw: QuantizedWeight) -> QuantizedWeight:
 # same switch (ZINFER_GEMV: "auto" times; "heuristic" / "off" and ranks of a multi-process job take the first).
 
 TUNED_MAX_M = 4
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the word kernel puts its N tiles
 # (BLOCK_N, BLOCK_W, num_warps, NUM_STAGES) of the word kernel, in order of preference; BLOCK_W = 32 * num_warps:
 # one word per thread per row, so the x pairs and the codes share one layout (a wider tile made Triton vectorize the
 # word loads and move them through shared memory with barriers, seen in the TTGIR).
@@ -530,9 +535,10 @@ def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
     """(kernel, config) pairs worth timing for x [M, K] @ qw, the heuristic's pick first."""
     m, n = x.shape[0], qw.shape[0]
     out = []
-    if words_ok(qw):
+    if words_ok(qw) and x.dtype in (torch.float16, torch.bfloat16):
         kw = qw.qweight.shape[1] // 4
-        out += [("words", _words_config(m, n, kw, tile, _sm_count(x))) for tile in WORDS_TILES]
+        out += [("words", _words_config(m, n, kw, tile, _sm_count(x))) for tile in WORDS_TILES
+                if triton.cdiv(n, tile[0]) <= MAX_GRID_Y]  # N tiles sit on grid axis 1
     if m <= GEMV_MAX_M:
         out.append(("groups", {}))
     out.append(("gemm", {}))
