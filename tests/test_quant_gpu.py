@@ -126,3 +126,31 @@ def test_tuner_keeps_one_choice_per_shape():
     assert choice in [(kind, cfg) for kind, cfg, _ in times] and all(t > 0 for *_, t in times)
     _check(x, qw, w_ref)
     assert tk.tuned()[key][0] == choice
+
+
+def test_word_kernel_refusals_name_the_cause():
+    from zinfer.quant import triton_kernels as tk
+
+    qw, _ = _weight(64, 256, QuantSpec(), torch.bfloat16)
+    out = torch.empty(1, 64, device="cuda", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"x must be fp16 or bf16 \(read as 16-bit pairs\), got torch.float32"):
+        tk.gemv_words(torch.randn(1, 256, device="cuda"), qw, out)
+    tiny_groups, _ = _weight(64, 256, QuantSpec(4, 4), torch.bfloat16)  # 16 bits a group: not whole words
+    with pytest.raises(ValueError, match=r"needs group_size \* bits % 32 == 0 and a word-aligned qweight"):
+        tk.gemv_words(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), tiny_groups, out.bfloat16())
+    assert [kind for kind, _ in tk.candidates(torch.randn(1, 256, device="cuda"), qw)] == ["groups", "gemm"]
+
+
+def test_untimed_choice_is_remembered(monkeypatch):
+    # heuristic mode (and several ranks) take the first candidate; later calls must not rebuild the list
+    from zinfer.layers import gemv as dense
+    from zinfer.quant import triton_kernels as tk
+
+    monkeypatch.setattr(dense, "MODE", "heuristic")
+    qw, w_ref = _weight(1024, 512, QuantSpec(), torch.bfloat16)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    first = tk.choose(x, qw)
+    assert first == tk.candidates(x, qw)[0]
+    monkeypatch.setattr(tk, "candidates", lambda *a: pytest.fail("candidates rebuilt for a known shape"))
+    assert tk.choose(x, qw) == first
+    _check(x, qw, w_ref)

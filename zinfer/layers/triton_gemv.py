@@ -205,10 +205,15 @@ def launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cfg: Con
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'gemv', 'dot' or 'cublas'")
     if splits > 1:
-        block = 1024
-        _reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, splits, HAS_BIAS=bias is not None,
-                                                     BLOCK=block)  # fmt: skip
+        reduce_splits(part, out, bias)
     return out
+
+
+def reduce_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """out [M, N] (contiguous) = fp32 split partials [S, M, N] summed in split order (+ bias), rounded once."""
+    mn, block = out.numel(), 1024
+    _reduce_kernel[(triton.cdiv(mn, block),)](part, bias if bias is not None else out, out, mn, out.shape[-1],
+                                              part.shape[0], HAS_BIAS=bias is not None, BLOCK=block)  # fmt: skip
 
 
 @functools.cache

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zinfer.layers.triton_gemv import TIE, _reduce_kernel, several_ranks, split_k, time_cold
+from zinfer.layers.triton_gemv import TIE, reduce_splits, several_ranks, split_k, time_cold
 from zinfer.quant.pack import QuantizedWeight
 
 GEMV_MAX_M = 2  # at M = 4 the tensor-core GEMM was already 1.3-1.9x faster than the GEMV
@@ -225,12 +225,11 @@ def _gemv_words_kernel(
     w_full = w_start + (w_end - w_start) // BLOCK_W * BLOCK_W
     for w0 in tl.range(w_start, w_full, BLOCK_W, num_stages=NUM_STAGES):
         word = tl.max_contiguous(w0 + offs_w, 1)  # one word per thread: the x pairs' layout, no shuffle
-        acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, None,
-                                BITS, GROUP, HAS_ZERO, X_BF16)  # fmt: skip
+        acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, None, BITS, GROUP, HAS_ZERO, X_BF16)
     if w_full < w_end:  # ragged end (the last split only)
         word = tl.max_contiguous(w_full + offs_w, 1)
         acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, word < w_end,
-                                BITS, GROUP, HAS_ZERO, X_BF16)  # fmt: skip
+                          BITS, GROUP, HAS_ZERO, X_BF16)  # fmt: skip
     res = tl.sum(acc, axis=0)  # [BN]
     out = out_ptr + pid_s * stride_os + m * stride_om + offs_n
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=offs_n < N)
@@ -387,13 +386,6 @@ def _x_pairs(x: torch.Tensor, kp: int) -> torch.Tensor:
     return x.view(torch.int32)
 
 
-def _reduce(part: torch.Tensor, out: torch.Tensor) -> None:
-    """out [M, N] = fp32 split partials [S, M, N] summed in split order (deterministic), rounded once."""
-    mn, block = out.numel(), 1024
-    _reduce_kernel[(triton.cdiv(mn, block),)](part, out, out, mn, out.shape[-1], part.shape[0], HAS_BIAS=False,
-                                              BLOCK=block)  # fmt: skip
-
-
 def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
     """The word kernel: x [M, K] (unit column stride; M small), out [M, N] contiguous; cfg overrides WORDS_TILES[0]."""
     (m, _), (n, _) = x.shape, qw.shape
@@ -416,7 +408,7 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
         X_BF16=x.dtype == torch.bfloat16, num_stages=cfg["NUM_STAGES"], **cfg,
     )  # fmt: skip
     if splits > 1:
-        _reduce(part, out)
+        reduce_splits(part, out)
 
 
 def _words_config(m: int, n: int, kw: int, tile: tuple, n_sm: int) -> dict:
@@ -440,7 +432,7 @@ def gemv(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | No
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, **cfg,
     )  # fmt: skip
     if splits > 1:
-        _reduce(part, out)
+        reduce_splits(part, out)
 
 
 def gemm(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
@@ -470,7 +462,7 @@ def gemm(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | No
         **args, **cfg,
     )  # fmt: skip
     if splits > 1:
-        _reduce(part, out)
+        reduce_splits(part, out)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -527,7 +519,8 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the word kernel puts it
 # word loads and move them through shared memory with barriers, seen in the TTGIR).
 WORDS_TILES = [(8, 128, 4, 1), (4, 128, 4, 1), (8, 256, 4, 1), (4, 256, 4, 1), (16, 128, 4, 1), (8, 128, 4, 3)]
 _LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm}
-_chosen: dict[tuple, tuple[str, dict]] = {}
+_chosen: dict[tuple, tuple[str, dict]] = {}  # timed choices
+_heuristic: dict[tuple, tuple[str, dict]] = {}  # untimed ones (ZINFER_GEMV != auto, several ranks)
 _timings: dict[tuple, list[tuple[str, dict, float]]] = {}
 
 
@@ -546,16 +539,21 @@ def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
 
 
 def choose(x: torch.Tensor, qw: QuantizedWeight) -> tuple[str, dict]:
+    """The kernel for x @ qw: looked up by shape and format, so a call after the first (eager decode runs one per
+    layer and token) costs a dict lookup; timed on a shape's first call in "auto" mode, else the heuristic's pick."""
     from zinfer.layers import gemv as dense
 
-    cands = candidates(x, qw)
-    if dense.MODE != "auto" or not x.is_cuda or several_ranks():
-        return cands[0]
     s = qw.spec
     # the last field: whether this tensor's alignment admits the word kernel (a view may not, where another did)
     key = (str(x.device), x.dtype, s.bits, s.group_size, s.symmetric, x.shape[0], *qw.shape, words_ok(qw))
-    if key in _chosen:
-        return _chosen[key]
+    tune = dense.MODE == "auto" and x.is_cuda and not several_ranks()
+    known = _chosen.get(key) if tune else _heuristic.get(key)
+    if known is not None:
+        return known
+    cands = candidates(x, qw)
+    if not tune:
+        _heuristic[key] = cands[0]
+        return cands[0]
     if torch.cuda.is_current_stream_capturing():  # cannot time now; do not remember, so a later call can
         return cands[0]
     out = torch.empty(x.shape[0], qw.shape[0], dtype=x.dtype, device=x.device)
