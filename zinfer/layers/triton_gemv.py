@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 TIE = 1.02  # candidates within 2% of the fastest count as tied; the earlier (heuristic-preferred) one wins
 
@@ -233,10 +232,27 @@ def tuning_key(x, w, bias) -> tuple:
     return (str(x.device), x.dtype, bias is not None, m_bucket(x.shape[0]), w.shape[0], x.shape[1])
 
 
-def time_cold(fn) -> float:
-    """Median ms of fn with the L2 flushed before each run (do_bench writes a 256 MB buffer): decode reads every
-    weight from HBM, and a 4096 x 4096 bf16 weight would otherwise stay in the 50-60 MB L2 between runs."""
-    return do_bench(fn, warmup=1, rep=5, return_mode="median")
+SPIN_CYCLES = 400_000  # ~0.2 ms at Hopper's clock: several times any candidate's Python launch cost
+
+
+def time_cold(fn, reps: int = 15) -> float:
+    """Median ms of fn's GPU time with a cold L2 (a 256 MB write before each run: decode reads every weight from
+    HBM, and a 4096 x 4096 bf16 weight would otherwise stay in the 50-60 MB L2 between runs). Each run waits
+    behind a spin kernel, so all of fn's launches are queued before its first kernel starts, as they are when
+    decode replays a CUDA graph: timed around bare launches, a 10 us kernel measured its ~30-50 us of Python
+    launch cost, and a candidate with two launches (split-K + reduction) paid it twice."""
+    fn()  # compile
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        torch.cuda._sleep(SPIN_CYCLES)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[reps // 2]
 
 
 def several_ranks() -> bool:
