@@ -4,7 +4,8 @@ Run on the GPU:  python benchmarks/quant_kernels.py [--bits 4] [--ms 1,16,512] [
 Prints a table (median ms via triton.testing.do_bench, L2 flushed before each run) with achieved
 GB/s = (packed weight + x + out bytes) / time, and the floor of that traffic at the measured copy
 bandwidth. Writes $OUT/quant_kernels.json when OUT is set. --sweep times kernel configs around
-the built-in heuristics (for tuning them), printing the best per case.
+the built-in heuristics (for tuning them), printing the best per case. For int4 with bf16 x, PyTorch's own int4
+weight-only matmul (tinygemm, torch.ops.aten._weight_int4pack_mm) is timed on the same weights, repacked.
 """
 
 import argparse
@@ -75,6 +76,36 @@ def make_weights(n, k, spec, dtype, dense=False):
     return qws, ws
 
 
+def tinygemm_pack(qw, inner_k_tiles: int = 8):
+    """zinfer's int4 layout -> PyTorch's tinygemm layout (torch.ops.aten._weight_int4pack_mm, gpt-fast's int4
+    kernel): codes packed high nibble first and tiled by _convert_weight_to_int4pack; scales and zeros bf16
+    [K/G, N, 2] for w = (q - 8) * scale + zero', so zero' = zero + 8 * scale (0 when symmetric)."""
+    from zinfer.quant.pack import unpack
+
+    codes = unpack(qw.qweight, 4)
+    packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2], inner_k_tiles)
+    zero = qw.zero + 8 * qw.scale if qw.zero is not None else torch.zeros_like(qw.scale)
+    sz = torch.stack([qw.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+def tinygemm_times(x, qws, ref):
+    """{inner_k_tiles: (graph ms, relative error)} of torch's int4 weight-only matmul on the same weights, or
+    the reason it cannot run."""
+    if x.dtype != torch.bfloat16 or qws[0].spec.bits != 4 or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return "needs bf16 x, int4 and torch.ops.aten._weight_int4pack_mm"
+    g, res, mm = qws[0].spec.group_size, {}, torch.ops.aten._weight_int4pack_mm
+    for tiles in (2, 4, 8):
+        try:
+            packs = [tinygemm_pack(q, tiles) for q in qws]
+            y = mm(x, packs[0][0], g, packs[0][1]).float()
+            res[tiles] = (graph_time([lambda p=p: mm(x, p[0], g, p[1]) for p in packs]),
+                          ((y - ref).norm() / ref.norm()).item())  # fmt: skip
+        except RuntimeError as e:  # shape or version limits of the op
+            res[tiles] = str(e).splitlines()[0]
+    return res
+
+
 def run_case(name, n, k, m, spec, dtype, bw):
     qws, ws = make_weights(n, k, spec, dtype, dense=True)
     qw, w = qws[0], ws[0]
@@ -91,6 +122,7 @@ def run_case(name, n, k, m, spec, dtype, bw):
     }
     ref = x.float() @ dequantize(qw, torch.float32).t()
     rel = ((quant_matmul(x, qw).float() - ref).norm() / ref.norm()).item()
+    tiny = tinygemm_times(x, qws, ref)
     best = getattr(tk._gemm_tuned, "best_config", None) if m > tk.SMALL_M else None  # of the gemm_kernel run
     tuned = {key[5:8]: v for key, v in tk.tuned().items() if key[1] == dtype and key[2] == spec.bits}
     chosen, cands = tuned.get((m, n, k), (None, []))  # M <= TUNED_MAX_M: every candidate kernel, timed cold
@@ -103,6 +135,7 @@ def run_case(name, n, k, m, spec, dtype, bw):
                candidates_graph_us=[(kind, cfg, 1e3 * graph_time(
                    [lambda q=q, kind=kind, cfg=cfg: tk._LAUNCH[kind](x, q, out, dict(cfg)) for q in qws]))
                    for kind, cfg, _ in cands],
+               tinygemm=tiny,
                gbps_fused=(qw.nbytes + io) / (t["fused"] * 1e-3) / 1e9,
                gbps_torch_mm=(w.numel() * w.element_size() + io) / (t["torch_mm"] * 1e-3) / 1e9,
                floor_ms=(qw.nbytes + io) / bw * 1e3,  # bytes over the copy bandwidth (read + write)
@@ -127,12 +160,14 @@ def sweep(n, k, m, spec, dtype):
                 groups = min(ngroups, max(1, tile // (block_n * gb)))
                 per = tk._split(ngroups, triton.cdiv(n, block_n), n_sm, groups)
                 cfgs.append((tk.gemv, dict(BLOCK_N=block_n, GROUPS=groups, GROUPS_PER_SPLIT=per)))
-        if tk.words_ok(qws[0]):  # the word kernel over a wider grid of tiles than the tuner's list
-            kw = qws[0].qweight.shape[1] // 4
-            for bn in (2, 4, 8, 16):
+        kw = qws[0].qweight.shape[1] // 4  # the word kernel over a wider grid of tiles than the tuner's list
+        for wide in (False, True) if tk.words_ok(qws[0]) else ():
+            for bn in (2, 4, 8, 16) if tk.words_ok(qws[0], wide) else ():
                 for warps in (2, 4, 8):
-                    for stages in (1, 3):
-                        cfgs.append((tk.gemv_words, tk._words_config(m, n, kw, (bn, 32 * warps, warps, stages), n_sm)))
+                    for bw in (32 * warps, 64 * warps):
+                        for prefetch in (False, True):
+                            tile = (bn, bw, warps, prefetch, wide)
+                            cfgs.append((tk.gemv_words, tk._words_config(m, n, kw, tile, n_sm)))
     bm = max(16, triton.next_power_of_2(m))
     for swap in (False, True):
         for bn in (64, 128):
@@ -192,6 +227,10 @@ def main():
                 for (kind, cfg, us), (_, _, graph_us) in zip(r["candidates_us"], r["candidates_graph_us"]):
                     mark = "   <- chosen" if [kind, cfg] == r["chosen"] else ""
                     print(f"    {us:8.1f} us cold  {graph_us:8.1f} us in a graph  {kind} {cfg}{mark}")
+                tiny = r["tinygemm"]
+                for tiles, v in tiny.items() if isinstance(tiny, dict) else []:
+                    print(f"    tinygemm inner_k_tiles={tiles}: " +
+                          (f"{v[0] * 1e3:8.1f} us in a graph, rel err {v[1]:.1e}" if isinstance(v, tuple) else v))
     _write(dict(device=torch.cuda.get_device_name(), copy_bw=bw, dtype=a.dtype, rows=rows), "quant_kernels.json")
 
 

@@ -285,9 +285,13 @@ _INTERP_SCRIPT = textwrap.dedent(
         for fn, cfg in [(tk.gemv, dict(GROUPS=2, GROUPS_PER_SPLIT=3)), (tk.gemv, {}),
                         (tk.gemm, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, K_PER_SPLIT=2 * bk)),
                         (tk.gemm, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_PER_SPLIT=4096, SWAP_AB=True)),
-                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=4, num_warps=1, W_PER_SPLIT=8)),
+                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8)),
+                        (tk.gemv_words, dict(BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=3, WIDE=True)),
+                        (tk.gemv_words, dict(BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=7,
+                                             PREFETCH=True, WIDE=True)),
+                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=2, num_warps=1, PREFETCH=True)),
                         (tk.gemv_words, {})]:
-            if fn is tk.gemv_words and not tk.words_ok(qw):
+            if fn is tk.gemv_words and not tk.words_ok(qw, cfg.get("WIDE", False)):
                 continue
             out = torch.full((m, n), float("nan"), dtype=torch.float16)
             fn(x, qw, out, cfg=cfg)

@@ -107,8 +107,12 @@ def test_every_decode_candidate_matches(spec, dtype):
             ref = x.float() @ w_ref.t()
             cands = tk.candidates(x, qw)
             assert cands[0][0] == "words" and {kind for kind, _ in cands} >= {"words", "gemm"}
-            split = {**tk._words_config(m, n, words, tk.WORDS_TILES[0], 8), "W_PER_SPLIT": 384}
-            for kind, cfg in cands + [("words", split)]:
+            wide = next(t for t in tk.WORDS_TILES if t[4])
+            splits = [("words", {**tk._words_config(m, n, words, tk.WORDS_TILES[0], 8), "U_PER_SPLIT": 384})]
+            if tk.words_ok(qw, wide=True):
+                assert any(cfg.get("WIDE") for _, cfg in cands), "64-bit word loads not offered"
+                splits.append(("words", {**tk._words_config(m, n, words, wide, 8), "U_PER_SPLIT": 96}))
+            for kind, cfg in cands + splits:
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 tk._LAUNCH[kind](x, qw, out, dict(cfg))
                 rel = ((out.float() - ref).norm() / ref.norm()).item()
@@ -136,8 +140,12 @@ def test_word_kernel_refusals_name_the_cause():
     with pytest.raises(ValueError, match=r"x must be fp16 or bf16 \(read as 16-bit pairs\), got torch.float32"):
         tk.gemv_words(torch.randn(1, 256, device="cuda"), qw, out)
     tiny_groups, _ = _weight(64, 256, QuantSpec(4, 4), torch.bfloat16)  # 16 bits a group: not whole words
-    with pytest.raises(ValueError, match=r"needs group_size \* bits % 32 == 0 and a word-aligned qweight"):
+    with pytest.raises(ValueError, match=r"needs group_size \* bits % 32 == 0 and a qweight aligned to 32 bits"):
         tk.gemv_words(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), tiny_groups, out.bfloat16())
+    g8, _ = _weight(64, 256, QuantSpec(4, 8), torch.bfloat16)  # one 32-bit word a group: no 64-bit loads
+    assert not any(cfg.get("WIDE") for _, cfg in tk.candidates(torch.randn(1, 256, device="cuda").bfloat16(), g8))
+    with pytest.raises(ValueError, match=r"needs group_size \* bits % 64 == 0 and a qweight aligned to 64 bits"):
+        tk.gemv_words(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), g8, out.bfloat16(), dict(WIDE=True))
     assert [kind for kind, _ in tk.candidates(torch.randn(1, 256, device="cuda"), qw)] == ["groups", "gemm"]
 
 

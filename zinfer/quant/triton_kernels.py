@@ -138,35 +138,11 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _words_step(
-    acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, mask,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr,
-):  # fmt: skip
-    # One tile of _gemv_words_kernel: word [BW] word indices in the row (hinted max_contiguous 1 by the caller: the
-    # hint does not survive as an argument), mask [BW] or None.
-    # Returns acc [BW, BN] + s * (sum f * x' - X') + z * X (see the kernel's comment).
+def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr):
+    # w int32 [BW, BN, 1]: one word of codes per row; xw int32 [BW, 1, P]: the pairs of x's 16-bit floats it
+    # multiplies. Returns (sum f * x' [BW, BN], sum x' [BW, 1], sum x [BW, 1]) over each word's span.
     P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
-    WPG: tl.constexpr = GROUP * BITS // 32  # words per group
-    HALF: tl.constexpr = 1 << (BITS - 1)
     offs_p = tl.arange(0, P)[None, None, :]
-    w_ptrs = q_rows + word[:, None, None]  # [BW, BN, 1]
-    s_ptrs = s_ptr + s_rows + (word // WPG)[:, None]  # [BW, BN]
-    x_ptrs = x_row + word[:, None, None] * P + offs_p  # [BW, 1, P] int32: pairs of x's 16-bit floats
-    if mask is None:
-        w = tl.load(w_ptrs, eviction_policy="evict_first")  # int32 [BW, BN, 1]
-        s = tl.load(s_ptrs).to(tl.float32)
-        xw = tl.load(x_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=mask[:, None, None], other=0, eviction_policy="evict_first")
-        s = tl.load(s_ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
-        xw = tl.load(x_ptrs, mask=mask[:, None, None], other=0)
-    if HAS_ZERO:
-        if mask is None:
-            z = tl.load(z_ptr + s_rows + (word // WPG)[:, None]).to(tl.float32)
-        else:
-            z = tl.load(z_ptr + s_rows + (word // WPG)[:, None], mask=mask[:, None], other=0.0).to(tl.float32)
-    else:
-        z = s * (-HALF)  # (q - HALF) * s = q * s + z
     if X_BF16:  # bf16 -> fp32 is a 16-bit shift
         xe = (xw << 16).to(tl.float32, bitcast=True)  # element 2p of the word's span
         xo = (xw & -65536).to(tl.float32, bitcast=True)  # element 2p + 1
@@ -190,19 +166,70 @@ def _words_step(
         xo = xo * 256.0
     xsum_scaled = tl.sum(xe + xo, axis=2)  # [BW, 1]
     dot = tl.sum(fe * xe + fo * xo, axis=2)  # [BW, BN]: the P pairs are in one thread, no shuffle
+    return dot, xsum_scaled, xsum
+
+
+@triton.jit
+def _words_load(
+    q_rows, s_rows, s_ptr, z_ptr, x_row, unit, mask,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    # The operands of one tile of _gemv_words_kernel: unit [BW] indices of the load units in the row (hinted
+    # max_contiguous 1 by the caller: the hint does not survive as an argument), mask [BW] or None. A unit is one
+    # 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns codes int32/int64 [BW, BN, 1], scale and
+    # zero fp32 [BW, BN], x pairs int32 [BW, 1, P] of the unit's first word and of its second (the first again when
+    # not WIDE).
+    P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
+    WPU: tl.constexpr = 2 if WIDE else 1  # words per unit
+    UPG: tl.constexpr = GROUP * BITS // 32 // WPU  # units per group
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    offs_p = tl.arange(0, P)[None, None, :]
+    group = s_rows + (unit // UPG)[:, None]  # [BW, BN]
+    x_ptrs = x_row + unit[:, None, None] * (P * WPU) + offs_p  # [BW, 1, P] int32: pairs of x's 16-bit floats
+    if mask is None:  # the main loop: unpredicated loads
+        w = tl.load(q_rows + unit[:, None, None], eviction_policy="evict_first")
+        s = tl.load(s_ptr + group).to(tl.float32)
+        z = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else s * (-HALF)  # (q - HALF) * s = q * s + z
+        xw = tl.load(x_ptrs)
+        xw2 = tl.load(x_ptrs + P) if WIDE else xw
+    else:  # the ragged tail: masked-off lanes read as zero codes, scales and x, so they add nothing
+        lane = mask[:, None, None]
+        w = tl.load(q_rows + unit[:, None, None], mask=lane, other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptr + group, mask=mask[:, None], other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + group, mask=mask[:, None], other=0.0).to(tl.float32)
+        else:
+            z = s * (-HALF)
+        xw = tl.load(x_ptrs, mask=lane, other=0)
+        xw2 = tl.load(x_ptrs + P, mask=lane, other=0) if WIDE else xw
+    return w, s, z, xw, xw2
+
+
+@triton.jit
+def _words_math(acc, w, s, z, xw, xw2, BITS: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr):
+    # acc [BW, BN] + the tile's sum_k w_k x_k = s * (sum f * x' - X') + z * X (see the kernel's comment).
+    if WIDE:  # the low word comes first in memory (little-endian)
+        dot, xsum_scaled, xsum = _word_dot(w.to(tl.int32), xw, BITS, X_BF16)
+        dot2, xsum_scaled2, xsum2 = _word_dot((w >> 32).to(tl.int32), xw2, BITS, X_BF16)
+        dot += dot2
+        xsum_scaled += xsum_scaled2
+        xsum += xsum2
+    else:
+        dot, xsum_scaled, xsum = _word_dot(w, xw, BITS, X_BF16)
     return acc + s * (dot - xsum_scaled) + z * xsum
 
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_words_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, KW, W_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, NUM_STAGES: tl.constexpr,
+    M, N, KU, U_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
-    # x: int32 view [M, KW * P] (pairs of fp16/bf16; K padded to whole groups); q: int32 view [N, KW] of qweight,
-    # one word = 32 / BITS codes; s, z [N, NGROUPS]; out [SPLITS, M, N] (fp32 partials, x's dtype for one split).
-    # Grid (M, N tiles, splits): the M programs of a weight tile run together and share it through L2.
+    # x: int32 view [M, KU * P * WPU] (pairs of fp16/bf16; K padded to whole groups); q: int32 view [N, KU] of
+    # qweight (int64 when WIDE: a unit of two words), one word = 32 / BITS codes; s, z [N, NGROUPS]; out [SPLITS, M,
+    # N] (fp32 partials, x's dtype for one split). Grid (M, N tiles, splits): the M programs of a weight tile run
+    # together and share it through L2.
     #
     # Codes become floats with one shift (per pair of int4 codes, or per int8 code) and one and-or: the code is
     # placed in the top of an fp32 mantissa of exponent 0, f = 1 + q * 2^-b, and x is prescaled by 2^b (exact), so
@@ -210,26 +237,47 @@ def _gemv_words_kernel(
     # ~2^11 times sum q x for int4, so subtracting sum x' after it costs ~11 bits of fp32 (relative error ~3e-5 at
     # K = 8192; the group GEMV ~5e-7): below bf16 rounding, about one fp16 ulp on a few outputs. Each thread keeps
     # its own partial sum per row; the reduction across threads happens once, after the loop.
+    #
+    # The step time of a program without overlap is load latency + math, and the math of these codes (~5
+    # instructions each) takes about as long as reading them: PREFETCH issues the next tile's loads before the
+    # current tile's math (operands carried in registers), so the two overlap. WIDE halves the load instructions for
+    # the same bytes (a 64-bit load, split into its two words in registers).
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: the main loop's loads stay unpredicated
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: rows need no mask
     q_rows = q_ptr + rows[None, :, None] * stride_qn  # [1, BN, 1]
     s_rows = rows[None, :] * stride_sn  # [1, BN]
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    offs_w = tl.arange(0, BLOCK_W)
+    offs_u = tl.arange(0, BLOCK_W)
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-    w_start = pid_s * W_PER_SPLIT
-    w_end = tl.minimum(w_start + W_PER_SPLIT, KW)
-    w_full = w_start + (w_end - w_start) // BLOCK_W * BLOCK_W
-    for w0 in tl.range(w_start, w_full, BLOCK_W, num_stages=NUM_STAGES):
-        word = tl.max_contiguous(w0 + offs_w, 1)  # one word per thread: the x pairs' layout, no shuffle
-        acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, None, BITS, GROUP, HAS_ZERO, X_BF16)
-    if w_full < w_end:  # ragged end (the last split only)
-        word = tl.max_contiguous(w_full + offs_w, 1)
-        acc = _words_step(acc, q_rows, s_rows, s_ptr, z_ptr, x_row, word, word < w_end,
-                          BITS, GROUP, HAS_ZERO, X_BF16)  # fmt: skip
+    u_start = pid_s * U_PER_SPLIT
+    u_end = tl.minimum(u_start + U_PER_SPLIT, KU)
+    u_full = u_start + (u_end - u_start) // BLOCK_W * BLOCK_W
+    if PREFETCH:
+        if u_full > u_start:
+            unit = tl.max_contiguous(u_start + offs_u, 1)  # one unit per thread: the x pairs' layout, no shuffle
+            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
+                                           BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
+            for u0 in range(u_start, u_full, BLOCK_W):
+                # the next tile; the last step reloads its own (a scalar clamp keeps the loads unpredicated: L1 hits)
+                unit = tl.max_contiguous(tl.minimum(u0 + BLOCK_W, u_full - BLOCK_W) + offs_u, 1)
+                w2, s2, z2, xa, xb = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
+                                                 BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
+                acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE)
+                w, s, z, xw, xw2 = w2, s2, z2, xa, xb
+    else:
+        for u0 in range(u_start, u_full, BLOCK_W):
+            unit = tl.max_contiguous(u0 + offs_u, 1)
+            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
+                                           BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
+            acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE)
+    if u_full < u_end:  # ragged end (the last split only)
+        unit = tl.max_contiguous(u_full + offs_u, 1)
+        w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, unit < u_end,
+                                       BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
+        acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE)
     res = tl.sum(acc, axis=0)  # [BN]
     out = out_ptr + pid_s * stride_os + m * stride_om + offs_n
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=offs_n < N)
@@ -370,10 +418,12 @@ def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
     return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
 
 
-def words_ok(qw: QuantizedWeight) -> bool:
-    """Whether the word kernel takes this weight: whole 32-bit words of codes per group, a word-aligned qweight."""
-    q, s = qw.qweight, qw.spec
-    return (s.group_size * s.bits) % 32 == 0 and q.stride(-1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
+def words_ok(qw: QuantizedWeight, wide: bool = False) -> bool:
+    """Whether the word kernel takes this weight: whole 32-bit words of codes per group (64-bit pairs of words when
+    `wide`), a qweight aligned to its load unit."""
+    q, s, unit = qw.qweight, qw.spec, 8 if wide else 4
+    return (s.group_size * s.bits) % (8 * unit) == 0 and q.stride(-1) == 1 and q.stride(0) % unit == 0 \
+        and q.data_ptr() % unit == 0
 
 
 def _x_pairs(x: torch.Tensor, kp: int) -> torch.Tensor:
@@ -389,32 +439,37 @@ def _x_pairs(x: torch.Tensor, kp: int) -> torch.Tensor:
 def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
     """The word kernel: x [M, K] (unit column stride; M small), out [M, N] contiguous; cfg overrides WORDS_TILES[0]."""
     (m, _), (n, _) = x.shape, qw.shape
-    if not words_ok(qw):
-        raise ValueError(f"gemv_words: needs group_size * bits % 32 == 0 and a word-aligned qweight, got {qw.spec}")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemv_words: x must be fp16 or bf16 (read as 16-bit pairs), got {x.dtype}")
-    q32 = qw.qweight.view(torch.int32)  # [N, KW]
-    kw = q32.shape[1]
+    kw = qw.qweight.shape[1] // 4  # 32-bit words per row
     cfg = {**_words_config(m, n, kw, WORDS_TILES[0], _sm_count(x)), **(cfg or {})}
-    per = cfg.pop("W_PER_SPLIT") or kw
-    splits = triton.cdiv(kw, per)
+    wide = cfg["WIDE"]
+    if not words_ok(qw, wide):
+        bits = 64 if wide else 32
+        raise ValueError(f"gemv_words: needs group_size * bits % {bits} == 0 and a qweight aligned to {bits} bits, "
+                         f"got {qw.spec}")  # fmt: skip
+    q = qw.qweight.view(torch.int64 if wide else torch.int32)  # [N, KU] load units
+    ku = q.shape[1]
+    per = cfg.pop("U_PER_SPLIT") or ku
+    splits = triton.cdiv(ku, per)
     xw = _x_pairs(x, qw.padded_k)
     part = _partials(out, splits)
     grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), splits)
     _gemv_words_kernel[grid](
-        xw, q32, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
-        m, n, kw, per, xw.stride(0), q32.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
+        xw, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
+        m, n, ku, per, xw.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None,
-        X_BF16=x.dtype == torch.bfloat16, num_stages=cfg["NUM_STAGES"], **cfg,
+        X_BF16=x.dtype == torch.bfloat16, num_stages=1, **cfg,
     )  # fmt: skip
     if splits > 1:
         reduce_splits(part, out)
 
 
 def _words_config(m: int, n: int, kw: int, tile: tuple, n_sm: int) -> dict:
-    bn, bw, warps, stages = tile
-    per = split_k(kw, m * triton.cdiv(n, bn), bw, n_sm)
-    return dict(BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, NUM_STAGES=stages, W_PER_SPLIT=per)
+    """Launch config of a WORDS_TILES entry for a weight of n rows and kw 32-bit words per row."""
+    bn, bw, warps, prefetch, wide = tile
+    per = split_k(kw // 2 if wide else kw, m * triton.cdiv(n, bn), bw, n_sm)  # in load units
+    return dict(BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, PREFETCH=prefetch, WIDE=wide, U_PER_SPLIT=per)
 
 
 def gemv(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
@@ -514,10 +569,14 @@ def _contiguous(qw: QuantizedWeight) -> QuantizedWeight:
 
 TUNED_MAX_M = 4
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the word kernel puts its N tiles
-# (BLOCK_N, BLOCK_W, num_warps, NUM_STAGES) of the word kernel, in order of preference; BLOCK_W = 32 * num_warps:
-# one word per thread per row, so the x pairs and the codes share one layout (a wider tile made Triton vectorize the
-# word loads and move them through shared memory with barriers, seen in the TTGIR).
-WORDS_TILES = [(8, 128, 4, 1), (4, 128, 4, 1), (8, 256, 4, 1), (4, 256, 4, 1), (16, 128, 4, 1), (8, 128, 4, 3)]
+# (BLOCK_N, BLOCK_W, num_warps, PREFETCH, WIDE) of the word kernel, in order of preference; BLOCK_W = load units
+# per row and step, one unit (a word, or two with WIDE) per thread per row when BLOCK_W = 32 * num_warps, so the x
+# pairs and the codes share one layout (a contiguous tile made Triton vectorize the word loads and move them through
+# shared memory with barriers, seen in the TTGIR). The first without PREFETCH and WIDE was the fastest of those on
+# every Llama-3-8B shape at M = 1 (H200, 2026-12-02, within 0.6 us of the best).
+WORDS_TILES = [(8, 256, 4, False, False), (8, 128, 4, False, False), (16, 128, 4, False, False),
+               (8, 128, 4, True, False), (8, 128, 4, False, True), (8, 128, 4, True, True), (16, 128, 4, True, True),
+               (4, 128, 4, True, True), (8, 256, 4, True, True)]  # fmt: skip
 _LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm}
 _chosen: dict[tuple, tuple[str, dict]] = {}  # timed choices
 _heuristic: dict[tuple, tuple[str, dict]] = {}  # untimed ones (ZINFER_GEMV != auto, several ranks)
@@ -528,10 +587,10 @@ def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
     """(kernel, config) pairs worth timing for x [M, K] @ qw, the heuristic's pick first."""
     m, n = x.shape[0], qw.shape[0]
     out = []
-    if words_ok(qw) and x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype in (torch.float16, torch.bfloat16):
         kw = qw.qweight.shape[1] // 4
         out += [("words", _words_config(m, n, kw, tile, _sm_count(x))) for tile in WORDS_TILES
-                if triton.cdiv(n, tile[0]) <= MAX_GRID_Y]  # N tiles sit on grid axis 1
+                if words_ok(qw, tile[4]) and triton.cdiv(n, tile[0]) <= MAX_GRID_Y]  # N tiles sit on grid axis 1
     if m <= GEMV_MAX_M:
         out.append(("groups", {}))
     out.append(("gemm", {}))
@@ -544,8 +603,9 @@ def choose(x: torch.Tensor, qw: QuantizedWeight) -> tuple[str, dict]:
     from zinfer.layers import gemv as dense
 
     s = qw.spec
-    # the last field: whether this tensor's alignment admits the word kernel (a view may not, where another did)
-    key = (str(x.device), x.dtype, s.bits, s.group_size, s.symmetric, x.shape[0], *qw.shape, words_ok(qw))
+    # the last fields: whether this tensor's alignment admits the word kernel (a view may not, where another did)
+    key = (str(x.device), x.dtype, s.bits, s.group_size, s.symmetric, x.shape[0], *qw.shape, words_ok(qw),
+           words_ok(qw, wide=True))  # fmt: skip
     tune = dense.MODE == "auto" and x.is_cuda and not several_ranks()
     known = _chosen.get(key) if tune else _heuristic.get(key)
     if known is not None:
