@@ -108,7 +108,8 @@ def test_every_decode_candidate_matches(spec, dtype):
             cands = tk.candidates(x, qw)
             assert cands[0][0] == "words" and {kind for kind, _ in cands} >= {"words", "gemm"}
             wide = next(t for t in tk.WORDS_TILES if t[4])
-            splits = [("words", {**tk._words_config(m, n, words, tk.WORDS_TILES[0], 8), "U_PER_SPLIT": 384})]
+            narrow = next(t for t in tk.WORDS_TILES if not t[4])
+            splits = [("words", {**tk._words_config(m, n, words, narrow, 8), "U_PER_SPLIT": 384})]
             if tk.words_ok(qw, wide=True):
                 assert any(cfg.get("WIDE") for _, cfg in cands), "64-bit word loads not offered"
                 splits.append(("words", {**tk._words_config(m, n, words, wide, 8), "U_PER_SPLIT": 96}))

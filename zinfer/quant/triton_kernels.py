@@ -7,7 +7,8 @@ Dispatch by M = rows of x:
                              fastest (ZINFER_GEMV=auto; other modes and multi-rank jobs take the first):
       "words"   word GEMV, CUDA cores, fp32 (_gemv_words_kernel): one 32-bit word of codes per thread and row,
                 in the layout of the x pairs it meets, so the loop has no layout conversion; a code becomes a
-                float by one shift and one and-or (placed in the mantissa of 1.0, x prescaled to match).
+                float by one shift (shared by two int4 codes) and one LOP3 (placed in the mantissa of 1.0, x
+                prescaled to match), then one FFMA: ~4 SASS instructions per int4 code in the main loop.
                 Grid over M too: the rows of x share each weight tile through L2. Needs group_size * bits
                 a multiple of 32 (whole words per group).
       "groups"  group GEMV (_gemv_kernel, M <= GEMV_MAX_M): a tile is [BLOCK_N rows, GROUPS groups, GB bytes
@@ -138,35 +139,74 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr):
-    # w int32 [BW, BN, 1]: one word of codes per row; xw int32 [BW, 1, P]: the pairs of x's 16-bit floats it
-    # multiplies. Returns (sum f * x' [BW, BN], sum x' [BW, 1], sum x [BW, 1]) over each word's span.
-    P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
-    offs_p = tl.arange(0, P)[None, None, :]
-    if X_BF16:  # bf16 -> fp32 is a 16-bit shift
-        xe = (xw << 16).to(tl.float32, bitcast=True)  # element 2p of the word's span
-        xo = (xw & -65536).to(tl.float32, bitcast=True)  # element 2p + 1
+def _and_or(src, M: tl.constexpr, C: tl.constexpr, ASM: tl.constexpr):
+    # (src & M) | C in one LOP3 (written plainly, the compiler emitted two); plain ops under the interpreter.
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+            [src, tl.full(src.shape, M, tl.int32), tl.full(src.shape, C, tl.int32)],
+            dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
     else:
-        xe = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        xo = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    xsum = tl.sum(xe + xo, axis=2)  # [BW, 1]
-    if BITS == 4:  # both codes of pair p from one shift: even to bits 12..15, odd to bits 16..19
-        src = (w << tl.maximum(12 - 8 * offs_p, 0)) >> tl.maximum(8 * offs_p - 12, 0)  # [BW, BN, P]
-        src = src | 0x3F800000  # then (src | C) & (M | C) = (src & M) | C: one op per code instead of two
-        fe = (src & 0x3F80F000).to(tl.float32, bitcast=True)  # 1 + q * 2^-11
-        fo = (src & 0x3F8F0000).to(tl.float32, bitcast=True)  # 1 + q * 2^-7
-        xe = xe * 2048.0
-        xo = xo * 128.0
-    else:  # one shift per code: byte 2p and 2p + 1 to bits 15..22
-        se = (w << tl.maximum(15 - 16 * offs_p, 0)) >> tl.maximum(16 * offs_p - 15, 0)
-        so = (w << tl.maximum(7 - 16 * offs_p, 0)) >> tl.maximum(16 * offs_p - 7, 0)
-        fe = ((se & 0x7F8000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q * 2^-8
-        fo = ((so & 0x7F8000) | 0x3F800000).to(tl.float32, bitcast=True)
-        xe = xe * 256.0
-        xo = xo * 256.0
-    xsum_scaled = tl.sum(xe + xo, axis=2)  # [BW, 1]
-    dot = tl.sum(fe * xe + fo * xo, axis=2)  # [BW, BN]: the P pairs are in one thread, no shuffle
-    return dot, xsum_scaled, xsum
+        return (src & M) | C
+
+
+@triton.jit
+def _code_f32(src, M: tl.constexpr, ASM: tl.constexpr):
+    # The code under mask M (the top bits of an fp32 mantissa) as 1 + q * 2^-b: OR'd into the bits of 1.0.
+    return _and_or(src, M, 0x3F800000, ASM).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_halves(xw, X_BF16: tl.constexpr):
+    # int32 pairs of 16-bit floats -> (element 2p, element 2p + 1) as fp32; bf16 -> fp32 is a 16-bit shift.
+    if X_BF16:
+        return (xw << 16).to(tl.float32, bitcast=True), (xw & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr):
+    # w int32 [BW, BN]: one word of codes per row; xw int32 [BW, 1, P]: the pairs of x's 16-bit floats it
+    # multiplies. Returns (sum_k f_k x'_k - sum x' [BW, BN], sum x [BW, 1]) over the word's span, where
+    # f_k = 1 + q_k 2^-b and x'_k = x_k 2^b, so the first is sum q_k x_k. One fma chain per row: each code costs
+    # a shift (shared by two int4 codes), one LOP3 and one FFMA.
+    if BITS == 4:  # nibble i holds code i. A source puts an odd nibble at bits 12..15 (2^-11) and an even one
+        # at 16..19 (2^-7): w as it is (nibbles 3, 4), w << 8 (1, 2), w >> 8 (5, 6), w rotated by 16 (7, 0).
+        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], 1, 2, 2)))  # pairs (0, 2) and (1, 3)
+        p0, p2 = tl.split(x02)
+        p1, p3 = tl.split(x13)
+        e0, o0 = _x_halves(p0, X_BF16)  # x of codes 0, 1
+        e1, o1 = _x_halves(p1, X_BF16)
+        e2, o2 = _x_halves(p2, X_BF16)
+        e3, o3 = _x_halves(p3, X_BF16)
+        xsum = (e0 + o0) + (e1 + o1) + ((e2 + o2) + (e3 + o3))  # [BW, 1]
+        xs_odd = (o0 + o1) + (o2 + o3)
+        dot = -2048.0 * xs_odd - 128.0 * (xsum - xs_odd)  # minus sum x', then the chain adds sum f x'
+        u = w.to(tl.uint32, bitcast=True)
+        for j in tl.static_range(4):
+            if j == 0:
+                src, xodd, xeven = w, o1, e2  # codes 3, 4
+            elif j == 1:
+                src, xodd, xeven = w << 8, o0, e1  # codes 1, 2
+            elif j == 2:
+                src, xodd, xeven = w >> 8, o2, e3  # codes 5, 6
+            else:
+                src, xodd, xeven = ((u >> 16) | (u << 16)).to(tl.int32, bitcast=True), o3, e0  # codes 7, 0
+            dot = tl.fma(_code_f32(src, 0xF000, ASM), xodd * 2048.0, dot)
+            dot = tl.fma(_code_f32(src, 0xF0000, ASM), xeven * 128.0, dot)
+    else:  # byte b moved to bits 15..22 (2^-8) by one shift
+        p0, p1 = tl.split(tl.reshape(xw, (xw.shape[0], 1, 2)))
+        e0, o0 = _x_halves(p0, X_BF16)
+        e1, o1 = _x_halves(p1, X_BF16)
+        xsum = (e0 + o0) + (e1 + o1)
+        dot = -256.0 * xsum
+        dot = tl.fma(_code_f32(w << 15, 0x7F8000, ASM), e0 * 256.0, dot)
+        dot = tl.fma(_code_f32(w << 7, 0x7F8000, ASM), o0 * 256.0, dot)
+        dot = tl.fma(_code_f32(w >> 1, 0x7F8000, ASM), e1 * 256.0, dot)
+        dot = tl.fma(_code_f32(w >> 9, 0x7F8000, ASM), o1 * 256.0, dot)
+    return dot, xsum
 
 
 @triton.jit
@@ -176,7 +216,7 @@ def _words_load(
 ):  # fmt: skip
     # The operands of one tile of _gemv_words_kernel: unit [BW] indices of the load units in the row (hinted
     # max_contiguous 1 by the caller: the hint does not survive as an argument), mask [BW] or None. A unit is one
-    # 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns codes int32/int64 [BW, BN, 1], scale and
+    # 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns codes int32/int64 [BW, BN], scale and
     # zero fp32 [BW, BN], x pairs int32 [BW, 1, P] of the unit's first word and of its second (the first again when
     # not WIDE).
     P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
@@ -187,14 +227,14 @@ def _words_load(
     group = s_rows + (unit // UPG)[:, None]  # [BW, BN]
     x_ptrs = x_row + unit[:, None, None] * (P * WPU) + offs_p  # [BW, 1, P] int32: pairs of x's 16-bit floats
     if mask is None:  # the main loop: unpredicated loads
-        w = tl.load(q_rows + unit[:, None, None], eviction_policy="evict_first")
+        w = tl.load(q_rows + unit[:, None], eviction_policy="evict_first")
         s = tl.load(s_ptr + group).to(tl.float32)
         z = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else s * (-HALF)  # (q - HALF) * s = q * s + z
         xw = tl.load(x_ptrs)
         xw2 = tl.load(x_ptrs + P) if WIDE else xw
     else:  # the ragged tail: masked-off lanes read as zero codes, scales and x, so they add nothing
         lane = mask[:, None, None]
-        w = tl.load(q_rows + unit[:, None, None], mask=lane, other=0, eviction_policy="evict_first")
+        w = tl.load(q_rows + unit[:, None], mask=mask[:, None], other=0, eviction_policy="evict_first")
         s = tl.load(s_ptr + group, mask=mask[:, None], other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + group, mask=mask[:, None], other=0.0).to(tl.float32)
@@ -206,17 +246,17 @@ def _words_load(
 
 
 @triton.jit
-def _words_math(acc, w, s, z, xw, xw2, BITS: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr):
-    # acc [BW, BN] + the tile's sum_k w_k x_k = s * (sum f * x' - X') + z * X (see the kernel's comment).
+def _words_math(acc, w, s, z, xw, xw2, BITS: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    # acc [BW, BN] + the tile's sum_k w_k x_k = s * sum q x + z * sum x (the word's span lies in one group).
     if WIDE:  # the low word comes first in memory (little-endian)
-        dot, xsum_scaled, xsum = _word_dot(w.to(tl.int32), xw, BITS, X_BF16)
-        dot2, xsum_scaled2, xsum2 = _word_dot((w >> 32).to(tl.int32), xw2, BITS, X_BF16)
+        dot, xsum = _word_dot(w.to(tl.int32), xw, BITS, X_BF16, ASM)
+        dot2, xsum2 = _word_dot((w >> 32).to(tl.int32), xw2, BITS, X_BF16, ASM)
         dot += dot2
-        xsum_scaled += xsum_scaled2
         xsum += xsum2
     else:
-        dot, xsum_scaled, xsum = _word_dot(w, xw, BITS, X_BF16)
-    return acc + s * (dot - xsum_scaled) + z * xsum
+        dot, xsum = _word_dot(w, xw, BITS, X_BF16, ASM)
+    return tl.fma(s, dot, tl.fma(z, xsum, acc))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -224,30 +264,30 @@ def _gemv_words_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, KU, U_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # x: int32 view [M, KU * P * WPU] (pairs of fp16/bf16; K padded to whole groups); q: int32 view [N, KU] of
     # qweight (int64 when WIDE: a unit of two words), one word = 32 / BITS codes; s, z [N, NGROUPS]; out [SPLITS, M,
     # N] (fp32 partials, x's dtype for one split). Grid (M, N tiles, splits): the M programs of a weight tile run
     # together and share it through L2.
     #
-    # Codes become floats with one shift (per pair of int4 codes, or per int8 code) and one and-or: the code is
-    # placed in the top of an fp32 mantissa of exponent 0, f = 1 + q * 2^-b, and x is prescaled by 2^b (exact), so
-    # sum_k w_k x_k = s * (sum f x' - sum x') + z * sum x over a word's span (one group). Precision: the sum f x' is
-    # ~2^11 times sum q x for int4, so subtracting sum x' after it costs ~11 bits of fp32 (relative error ~3e-5 at
-    # K = 8192; the group GEMV ~5e-7): below bf16 rounding, about one fp16 ulp on a few outputs. Each thread keeps
-    # its own partial sum per row; the reduction across threads happens once, after the loop.
+    # Codes become floats with one shift (per pair of int4 codes, or per int8 code) and one LOP3 (inline PTX when
+    # ASM; the interpreter runs the same and-or as two plain ops): the code is placed in the top of an fp32 mantissa
+    # of exponent 0, f = 1 + q * 2^-b, and x is prescaled by 2^b (exact), so sum_k w_k x_k = s * (sum f x' - sum x')
+    # + z * sum x over a word's span (one group), the sum an fma chain per row that starts at -sum x'. Precision:
+    # the sum f x' is ~2^11 times sum q x for int4, so the cancellation costs ~11 bits of fp32 (relative error
+    # ~3e-5 at K = 8192; the group GEMV ~5e-7): below bf16 rounding, about one fp16 ulp on a few outputs. Each
+    # thread keeps its own partial sum per row; the reduction across threads happens once, after the loop.
     #
-    # The step time of a program without overlap is load latency + math, and the math of these codes (~5
-    # instructions each) takes about as long as reading them: PREFETCH issues the next tile's loads before the
-    # current tile's math (operands carried in registers), so the two overlap. WIDE halves the load instructions for
-    # the same bytes (a 64-bit load, split into its two words in registers).
+    # Without overlap a program's step is load latency + math: PREFETCH issues the next tile's loads before the
+    # current tile's math (operands carried in registers). WIDE halves the load instructions for the same bytes (a
+    # 64-bit load, split into its two words in registers).
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: rows need no mask
-    q_rows = q_ptr + rows[None, :, None] * stride_qn  # [1, BN, 1]
+    q_rows = q_ptr + rows[None, :] * stride_qn  # [1, BN]
     s_rows = rows[None, :] * stride_sn  # [1, BN]
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     offs_u = tl.arange(0, BLOCK_W)
@@ -265,19 +305,19 @@ def _gemv_words_kernel(
                 unit = tl.max_contiguous(tl.minimum(u0 + BLOCK_W, u_full - BLOCK_W) + offs_u, 1)
                 w2, s2, z2, xa, xb = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
                                                  BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
-                acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE)
+                acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
                 w, s, z, xw, xw2 = w2, s2, z2, xa, xb
     else:
         for u0 in range(u_start, u_full, BLOCK_W):
             unit = tl.max_contiguous(u0 + offs_u, 1)
             w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
-            acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE)
+            acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
     if u_full < u_end:  # ragged end (the last split only)
         unit = tl.max_contiguous(u_full + offs_u, 1)
         w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, unit < u_end,
                                        BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
-        acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE)
+        acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
     res = tl.sum(acc, axis=0)  # [BN]
     out = out_ptr + pid_s * stride_os + m * stride_om + offs_n
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=offs_n < N)
@@ -437,12 +477,14 @@ def _x_pairs(x: torch.Tensor, kp: int) -> torch.Tensor:
 
 
 def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
-    """The word kernel: x [M, K] (unit column stride; M small), out [M, N] contiguous; cfg overrides WORDS_TILES[0]."""
+    """The word kernel: x [M, K] (unit column stride; M small), out [M, N] contiguous; cfg overrides the first
+    WORDS_TILES entry that takes qw."""
     (m, _), (n, _) = x.shape, qw.shape
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemv_words: x must be fp16 or bf16 (read as 16-bit pairs), got {x.dtype}")
     kw = qw.qweight.shape[1] // 4  # 32-bit words per row
-    cfg = {**_words_config(m, n, kw, WORDS_TILES[0], _sm_count(x)), **(cfg or {})}
+    tile = next((t for t in WORDS_TILES if words_ok(qw, t[4])), WORDS_TILES[-1])  # the last is not WIDE
+    cfg = {**_words_config(m, n, kw, tile, _sm_count(x)), **(cfg or {})}
     wide = cfg["WIDE"]
     if not words_ok(qw, wide):
         bits = 64 if wide else 32
@@ -459,7 +501,7 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
         xw, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
         m, n, ku, per, xw.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None,
-        X_BF16=x.dtype == torch.bfloat16, num_stages=1, **cfg,
+        X_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_stages=1, **cfg,
     )  # fmt: skip
     if splits > 1:
         reduce_splits(part, out)
@@ -572,11 +614,11 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the word kernel puts it
 # (BLOCK_N, BLOCK_W, num_warps, PREFETCH, WIDE) of the word kernel, in order of preference; BLOCK_W = load units
 # per row and step, one unit (a word, or two with WIDE) per thread per row when BLOCK_W = 32 * num_warps, so the x
 # pairs and the codes share one layout (a contiguous tile made Triton vectorize the word loads and move them through
-# shared memory with barriers, seen in the TTGIR). The first without PREFETCH and WIDE was the fastest of those on
-# every Llama-3-8B shape at M = 1 (H200, 2026-12-02, within 0.6 us of the best).
-WORDS_TILES = [(8, 256, 4, False, False), (8, 128, 4, False, False), (16, 128, 4, False, False),
-               (8, 128, 4, True, False), (8, 128, 4, False, True), (8, 128, 4, True, True), (16, 128, 4, True, True),
-               (4, 128, 4, True, True), (8, 256, 4, True, True)]  # fmt: skip
+# shared memory with barriers, seen in the TTGIR). Measured on every Llama-3-8B shape at M = 1 (H200, 2026-12-02,
+# CUDA graphs): the first was the fastest or within 3% of it, int4 and int8; PREFETCH won only int8 down_proj (3%);
+# BLOCK_N 4 / 16 never. The non-WIDE entries serve weights whose groups are not whole 64-bit pairs of words.
+WORDS_TILES = [(8, 128, 4, False, True), (8, 256, 4, False, True), (8, 256, 4, True, True),
+               (8, 256, 4, False, False), (8, 128, 4, False, False)]  # fmt: skip
 _LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm}
 _chosen: dict[tuple, tuple[str, dict]] = {}  # timed choices
 _heuristic: dict[tuple, tuple[str, dict]] = {}  # untimed ones (ZINFER_GEMV != auto, several ranks)
