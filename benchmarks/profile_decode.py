@@ -1,5 +1,6 @@
 """Where a decode step's time goes: kernel time (profiler, compiled step without the graph) against the
-replayed graph's step time. Device only.  python benchmarks/profile_decode.py [--model llama-3-8b] [--batch 1]
+replayed graph's step time. Device only.
+  python benchmarks/profile_decode.py [--model llama-3-8b] [--batch 1] [--quant-bits 16|8|4]
 """
 
 import argparse
@@ -13,8 +14,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--quant-bits", type=int, default=16)
     args = ap.parse_args()
-    llm = zinfer.LLM(args.model, dummy=True, dtype="bfloat16", device="cuda")
+    llm = zinfer.LLM(args.model, dummy=True, dtype="bfloat16", device="cuda", quant_bits=args.quant_bits)
     ids = [[100 + i] * 128 for i in range(args.batch)]
     llm.generate(ids, zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True))
     state = llm.engine.state
