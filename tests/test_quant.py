@@ -290,6 +290,9 @@ _INTERP_SCRIPT = textwrap.dedent(
                         (tk.gemv_words, dict(BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=7,
                                              PREFETCH=True, WIDE=True)),
                         (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=2, num_warps=1, PREFETCH=True)),
+                        (tk.gemv_words, dict(BLOCK_M=4, BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8)),
+                        (tk.gemv_words, dict(BLOCK_M=2, BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=7,
+                                             PREFETCH=True, WIDE=True)),
                         (tk.gemv_words, {})]:
             if fn is tk.gemv_words and not tk.words_ok(qw, cfg.get("WIDE", False)):
                 continue

@@ -107,6 +107,7 @@ def test_every_decode_candidate_matches(spec, dtype):
             ref = x.float() @ w_ref.t()
             cands = tk.candidates(x, qw)
             assert cands[0][0] == "words" and {kind for kind, _ in cands} >= {"words", "gemm"}
+            assert (m > 1) == any(cfg.get("BLOCK_M", 1) > 1 for _, cfg in cands), "rows of x per program"
             wide = next(t for t in tk.WORDS_TILES if t[4])
             narrow = next(t for t in tk.WORDS_TILES if not t[4])
             splits = [("words", {**tk._words_config(m, n, words, narrow, 8), "U_PER_SPLIT": 384})]

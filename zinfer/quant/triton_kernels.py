@@ -168,20 +168,21 @@ def _x_halves(xw, X_BF16: tl.constexpr):
 
 @triton.jit
 def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr):
-    # w int32 [BW, BN]: one word of codes per row; xw int32 [BW, 1, P]: the pairs of x's 16-bit floats it
-    # multiplies. Returns (sum_k f_k x'_k - sum x' [BW, BN], sum x [BW, 1]) over the word's span, where
-    # f_k = 1 + q_k 2^-b and x'_k = x_k 2^b, so the first is sum q_k x_k. One fma chain per row: each code costs
-    # a shift (shared by two int4 codes), one LOP3 and one FFMA.
+    # w int32 [BW, BN, 1]: one word of codes per weight row; xw int32 [BW, 1, BM, P]: the pairs of x's 16-bit floats
+    # it multiplies, for BM rows of x. Returns (sum_k f_k x'_k - sum x' [BW, BN, BM], sum x [BW, 1, BM]) over the word's
+    # span, where f_k = 1 + q_k 2^-b and x'_k = x_k 2^b, so the first is sum q_k x_k. One fma chain per (x row,
+    # weight row): each code costs a shift (shared by two int4 codes) and one LOP3, once for all BM rows of x, and
+    # one FFMA per row of x.
     if BITS == 4:  # nibble i holds code i. A source puts an odd nibble at bits 12..15 (2^-11) and an even one
         # at 16..19 (2^-7): w as it is (nibbles 3, 4), w << 8 (1, 2), w >> 8 (5, 6), w rotated by 16 (7, 0).
-        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], 1, 2, 2)))  # pairs (0, 2) and (1, 3)
+        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], 1, xw.shape[2], 2, 2)))  # pairs (0, 2) and (1, 3)
         p0, p2 = tl.split(x02)
         p1, p3 = tl.split(x13)
         e0, o0 = _x_halves(p0, X_BF16)  # x of codes 0, 1
         e1, o1 = _x_halves(p1, X_BF16)
         e2, o2 = _x_halves(p2, X_BF16)
         e3, o3 = _x_halves(p3, X_BF16)
-        xsum = (e0 + o0) + (e1 + o1) + ((e2 + o2) + (e3 + o3))  # [BW, 1]
+        xsum = (e0 + o0) + (e1 + o1) + ((e2 + o2) + (e3 + o3))  # [BW, 1, BM]
         xs_odd = (o0 + o1) + (o2 + o3)
         dot = -2048.0 * xs_odd - 128.0 * (xsum - xs_odd)  # minus sum x', then the chain adds sum f x'
         u = w.to(tl.uint32, bitcast=True)
@@ -197,7 +198,7 @@ def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr
             dot = tl.fma(_code_f32(src, 0xF000, ASM), xodd * 2048.0, dot)
             dot = tl.fma(_code_f32(src, 0xF0000, ASM), xeven * 128.0, dot)
     else:  # byte b moved to bits 15..22 (2^-8) by one shift
-        p0, p1 = tl.split(tl.reshape(xw, (xw.shape[0], 1, 2)))
+        p0, p1 = tl.split(tl.reshape(xw, (xw.shape[0], 1, xw.shape[2], 2)))
         e0, o0 = _x_halves(p0, X_BF16)
         e1, o1 = _x_halves(p1, X_BF16)
         xsum = (e0 + o0) + (e1 + o1)
@@ -211,33 +212,35 @@ def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr
 
 @triton.jit
 def _words_load(
-    q_rows, s_rows, s_ptr, z_ptr, x_row, unit, mask,
+    q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, mask,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     # The operands of one tile of _gemv_words_kernel: unit [BW] indices of the load units in the row (hinted
-    # max_contiguous 1 by the caller: the hint does not survive as an argument), mask [BW] or None. A unit is one
-    # 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns codes int32/int64 [BW, BN], scale and
-    # zero fp32 [BW, BN], x pairs int32 [BW, 1, P] of the unit's first word and of its second (the first again when
-    # not WIDE).
+    # max_contiguous 1 by the caller: the hint does not survive as an argument), mask [BW] or None; x_rows [BM]
+    # pointers to the rows of x. A unit is one 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns
+    # codes int32/int64 [BW, BN, 1], scale and zero fp32 [BW, BN, 1], x pairs int32 [BW, 1, BM, P] of the unit's
+    # first word and of its second (the first again when not WIDE).
     P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
     WPU: tl.constexpr = 2 if WIDE else 1  # words per unit
     UPG: tl.constexpr = GROUP * BITS // 32 // WPU  # units per group
     HALF: tl.constexpr = 1 << (BITS - 1)
-    offs_p = tl.arange(0, P)[None, None, :]
-    group = s_rows + (unit // UPG)[:, None]  # [BW, BN]
-    x_ptrs = x_row + unit[:, None, None] * (P * WPU) + offs_p  # [BW, 1, P] int32: pairs of x's 16-bit floats
+    offs_p = tl.arange(0, P)[None, None, None, :]
+    group = s_rows + (unit // UPG)[:, None, None]  # [BW, BN, 1]
+    # [BW, 1, BM, P] int32; the rows of x on axis 2, after the unit's axis: so Triton keeps them in each thread's
+    # registers (first, they were spread over lanes, and every use went through shared memory)
+    x_ptrs = x_rows[None, None, :, None] + (unit[:, None, None, None] * (P * WPU) + offs_p)
     if mask is None:  # the main loop: unpredicated loads
-        w = tl.load(q_rows + unit[:, None], eviction_policy="evict_first")
+        w = tl.load(q_rows + unit[:, None, None], eviction_policy="evict_first")
         s = tl.load(s_ptr + group).to(tl.float32)
         z = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else s * (-HALF)  # (q - HALF) * s = q * s + z
         xw = tl.load(x_ptrs)
         xw2 = tl.load(x_ptrs + P) if WIDE else xw
     else:  # the ragged tail: masked-off lanes read as zero codes, scales and x, so they add nothing
-        lane = mask[:, None, None]
-        w = tl.load(q_rows + unit[:, None], mask=mask[:, None], other=0, eviction_policy="evict_first")
-        s = tl.load(s_ptr + group, mask=mask[:, None], other=0.0).to(tl.float32)
+        lane = mask[:, None, None, None]
+        w = tl.load(q_rows + unit[:, None, None], mask=mask[:, None, None], other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptr + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + group, mask=mask[:, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
         else:
             z = s * (-HALF)
         xw = tl.load(x_ptrs, mask=lane, other=0)
@@ -248,7 +251,7 @@ def _words_load(
 @triton.jit
 def _words_math(acc, w, s, z, xw, xw2, BITS: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr,
                 ASM: tl.constexpr):  # fmt: skip
-    # acc [BW, BN] + the tile's sum_k w_k x_k = s * sum q x + z * sum x (the word's span lies in one group).
+    # acc [BW, BN, BM] + the tile's sum_k w_k x_k = s * sum q x + z * sum x (the word's span lies in one group).
     if WIDE:  # the low word comes first in memory (little-endian)
         dot, xsum = _word_dot(w.to(tl.int32), xw, BITS, X_BF16, ASM)
         dot2, xsum2 = _word_dot((w >> 32).to(tl.int32), xw2, BITS, X_BF16, ASM)
@@ -264,12 +267,13 @@ def _gemv_words_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, KU, U_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # x: int32 view [M, KU * P * WPU] (pairs of fp16/bf16; K padded to whole groups); q: int32 view [N, KU] of
     # qweight (int64 when WIDE: a unit of two words), one word = 32 / BITS codes; s, z [N, NGROUPS]; out [SPLITS, M,
-    # N] (fp32 partials, x's dtype for one split). Grid (M, N tiles, splits): the M programs of a weight tile run
-    # together and share it through L2.
+    # N] (fp32 partials, x's dtype for one split). Grid (M / BLOCK_M, N tiles, splits): a program multiplies its
+    # weight tile with BLOCK_M rows of x, decoding each code once for all of them; the programs of one weight tile
+    # run together and share it through L2.
     #
     # Codes become floats with one shift (per pair of int4 codes, or per int8 code) and one LOP3 (inline PTX when
     # ASM; the interpreter runs the same and-or as two plain ops): the code is placed in the top of an fp32 mantissa
@@ -282,45 +286,46 @@ def _gemv_words_kernel(
     # Without overlap a program's step is load latency + math: PREFETCH issues the next tile's loads before the
     # current tile's math (operands carried in registers). WIDE halves the load instructions for the same bytes (a
     # 64-bit load, split into its two words in registers).
-    m = tl.program_id(0)
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: rows need no mask
-    q_rows = q_ptr + rows[None, :] * stride_qn  # [1, BN]
-    s_rows = rows[None, :] * stride_sn  # [1, BN]
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    q_rows = q_ptr + rows[None, :, None] * stride_qn  # [1, BN, 1]
+    s_rows = rows[None, :, None] * stride_sn  # [1, BN, 1]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm  # clamped like the weight rows
     offs_u = tl.arange(0, BLOCK_W)
-    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_W, BLOCK_N, BLOCK_M), dtype=tl.float32)
     u_start = pid_s * U_PER_SPLIT
     u_end = tl.minimum(u_start + U_PER_SPLIT, KU)
     u_full = u_start + (u_end - u_start) // BLOCK_W * BLOCK_W
     if PREFETCH:
         if u_full > u_start:
             unit = tl.max_contiguous(u_start + offs_u, 1)  # one unit per thread: the x pairs' layout, no shuffle
-            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
+            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
             for u0 in range(u_start, u_full, BLOCK_W):
                 # the next tile; the last step reloads its own (a scalar clamp keeps the loads unpredicated: L1 hits)
                 unit = tl.max_contiguous(tl.minimum(u0 + BLOCK_W, u_full - BLOCK_W) + offs_u, 1)
-                w2, s2, z2, xa, xb = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
+                w2, s2, z2, xa, xb = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                                  BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
                 acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
                 w, s, z, xw, xw2 = w2, s2, z2, xa, xb
     else:
         for u0 in range(u_start, u_full, BLOCK_W):
             unit = tl.max_contiguous(u0 + offs_u, 1)
-            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, None,
+            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
             acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
     if u_full < u_end:  # ragged end (the last split only)
         unit = tl.max_contiguous(u_full + offs_u, 1)
-        w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_row, unit, unit < u_end,
+        w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, unit < u_end,
                                        BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
         acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
-    res = tl.sum(acc, axis=0)  # [BN]
-    out = out_ptr + pid_s * stride_os + m * stride_om + offs_n
-    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    res = tl.sum(acc, axis=0)  # [BN, BM]
+    out = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
 
 
 @triton.jit
@@ -496,7 +501,7 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
     splits = triton.cdiv(ku, per)
     xw = _x_pairs(x, qw.padded_k)
     part = _partials(out, splits)
-    grid = (m, triton.cdiv(n, cfg["BLOCK_N"]), splits)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), splits)
     _gemv_words_kernel[grid](
         xw, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
         m, n, ku, per, xw.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
@@ -507,11 +512,13 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
         reduce_splits(part, out)
 
 
-def _words_config(m: int, n: int, kw: int, tile: tuple, n_sm: int) -> dict:
-    """Launch config of a WORDS_TILES entry for a weight of n rows and kw 32-bit words per row."""
+def _words_config(m: int, n: int, kw: int, tile: tuple, n_sm: int, block_m: int = 1) -> dict:
+    """Launch config of a WORDS_TILES entry for a weight of n rows and kw 32-bit words per row, block_m rows of x
+    per program."""
     bn, bw, warps, prefetch, wide = tile
-    per = split_k(kw // 2 if wide else kw, m * triton.cdiv(n, bn), bw, n_sm)  # in load units
-    return dict(BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, PREFETCH=prefetch, WIDE=wide, U_PER_SPLIT=per)
+    per = split_k(kw // 2 if wide else kw, triton.cdiv(m, block_m) * triton.cdiv(n, bn), bw, n_sm)  # in load units
+    return dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, PREFETCH=prefetch, WIDE=wide,
+                U_PER_SPLIT=per)  # fmt: skip
 
 
 def gemv(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
@@ -631,8 +638,12 @@ def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
     out = []
     if x.dtype in (torch.float16, torch.bfloat16):
         kw = qw.qweight.shape[1] // 4
-        out += [("words", _words_config(m, n, kw, tile, _sm_count(x))) for tile in WORDS_TILES
-                if words_ok(qw, tile[4]) and triton.cdiv(n, tile[0]) <= MAX_GRID_Y]  # N tiles sit on grid axis 1
+        tiles = [t for t in WORDS_TILES if words_ok(qw, t[4]) and triton.cdiv(n, t[0]) <= MAX_GRID_Y]  # grid axis 1
+        out += [("words", _words_config(m, n, kw, tile, _sm_count(x))) for tile in tiles]
+        if m > 1:  # all rows of x in one program, each code decoded once for them; one unit per thread (with two,
+            # the 4-row WIDE kernel spilled registers in its offline sm_90 build)
+            out += [("words", _words_config(m, n, kw, tile, _sm_count(x), triton.next_power_of_2(m)))
+                    for tile in tiles if tile[1] == 32 * tile[2]]
     if m <= GEMV_MAX_M:
         out.append(("groups", {}))
     out.append(("gemm", {}))
