@@ -20,6 +20,7 @@ from zinfer.bench.ceilings import get_ceilings
 
 CASES = {
     "b1-p128-g128": dict(batch=1, prompt=128, gen=128, peer=True),
+    "b4-p128-g128": dict(batch=4, prompt=128, gen=128, peer=False),  # M = 4 per matmul: the quantized kernels' edge
     "b16-p512-g32": dict(batch=16, prompt=512, gen=32, peer=True),
     "b64-p512-g32": dict(batch=64, prompt=512, gen=32, peer=False),
     "prefill-8192": dict(batch=1, prompt=8192, gen=1, peer=False),

@@ -275,7 +275,7 @@ _INTERP_SCRIPT = textwrap.dedent(
         sys.exit(3)
 
     torch.manual_seed(0)
-    worst = 0.0
+    errors = []  # relative errors; a NaN fails the all() below
     for spec, (m, n, k) in [(QuantSpec(4, 64), (3, 20, 200)), (QuantSpec(8, 32, symmetric=True), (2, 9, 70)),
                             (QuantSpec(4, 48, symmetric=True), (1, 16, 100)), (QuantSpec(8, 64), (20, 33, 130))]:
         qw = quantize(torch.randn(n, k, dtype=torch.float16), spec)
@@ -285,24 +285,36 @@ _INTERP_SCRIPT = textwrap.dedent(
         for fn, cfg in [(tk.gemv, dict(GROUPS=2, GROUPS_PER_SPLIT=3)), (tk.gemv, {}),
                         (tk.gemm, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, K_PER_SPLIT=2 * bk)),
                         (tk.gemm, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_PER_SPLIT=4096, SWAP_AB=True)),
-                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8)),
+                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8, WIDE=False)),
                         (tk.gemv_words, dict(BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=3, WIDE=True)),
                         (tk.gemv_words, dict(BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=7,
                                              PREFETCH=True, WIDE=True)),
-                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=2, num_warps=1, PREFETCH=True)),
-                        (tk.gemv_words, dict(BLOCK_M=4, BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8)),
+                        (tk.gemv_words, dict(BLOCK_N=4, BLOCK_W=2, num_warps=1, PREFETCH=True, WIDE=False)),
+                        (tk.gemv_words, dict(BLOCK_M=4, BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8,
+                                             WIDE=False)),
                         (tk.gemv_words, dict(BLOCK_M=2, BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=7,
                                              PREFETCH=True, WIDE=True)),
                         (tk.gemv_words, {})]:
-            if fn is tk.gemv_words and not tk.words_ok(qw, cfg.get("WIDE", False)):
-                continue
+            if fn is tk.gemv_words and (not tk.words_ok(qw, cfg.get("WIDE", False)) or m > tk.TUNED_MAX_M and cfg):
+                continue  # the word kernel serves decode sizes; at M = 20 only its default runs (7 min interpreted)
             out = torch.full((m, n), float("nan"), dtype=torch.float16)
             fn(x, qw, out, cfg=cfg)
-            worst = max(worst, ((out.float() - ref).norm() / ref.norm()).item())
+            errors.append(((out.float() - ref).norm() / ref.norm()).item())
         w = tk.dequantize(qw, torch.float16).float()
-        worst = max(worst, ((w - dequantize(qw, torch.float32)).norm() / w.norm()).item())
-    print(f"worst relative error {worst:.2e}")
-    sys.exit(0 if worst < 2e-3 else 1)
+        errors.append(((w - dequantize(qw, torch.float32)).norm() / w.norm()).item())
+    # bf16 x (its pairs decoded by the X_BF16 path): bf16 rounding of x and out bounds the error
+    qw = quantize(torch.randn(20, 256, dtype=torch.bfloat16), QuantSpec(4, 64))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    ref = x.float() @ dequantize(qw, torch.float32).t()
+    bf16_errors = []
+    for cfg in [dict(BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8, WIDE=False),
+                dict(BLOCK_M=2, BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8, WIDE=True)]:
+        out = torch.full((3, 20), float("nan"), dtype=torch.bfloat16)
+        tk.gemv_words(x, qw, out, cfg=cfg)
+        bf16_errors.append(((out.float() - ref).norm() / ref.norm()).item())
+    print(f"relative errors: fp16 x {max(errors):.2e}, bf16 x {max(bf16_errors):.2e}")
+    ok = all(e < 2e-3 for e in errors) and all(e < 1e-2 for e in bf16_errors)
+    sys.exit(0 if ok and errors and bf16_errors else 1)
     """
 )
 

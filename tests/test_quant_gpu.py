@@ -110,10 +110,17 @@ def test_every_decode_candidate_matches(spec, dtype):
             assert (m > 1) == any(cfg.get("BLOCK_M", 1) > 1 for _, cfg in cands), "rows of x per program"
             wide = next(t for t in tk.WORDS_TILES if t[4])
             narrow = next(t for t in tk.WORDS_TILES if not t[4])
-            splits = [("words", {**tk._words_config(m, n, words, narrow, 8), "U_PER_SPLIT": 384})]
+            bm = 1 << (m - 1).bit_length()  # all rows of x in one program
+            # forced splits: each runs its main loop more than once (BLOCK_W 64 with PREFETCH: three tiles carried
+            # in registers) and some end in a ragged tail before the last split
+            splits = [("words", {**tk._words_config(m, n, words, narrow, 8), "U_PER_SPLIT": 384}),
+                      ("words", {**tk._words_config(m, n, words, (8, 64, 2, True, False), 8), "U_PER_SPLIT": None})]
             if tk.words_ok(qw, wide=True):
                 assert any(cfg.get("WIDE") for _, cfg in cands), "64-bit word loads not offered"
-                splits.append(("words", {**tk._words_config(m, n, words, wide, 8), "U_PER_SPLIT": 96}))
+                prefetch = (8, 64, 2, True, True)
+                splits += [("words", {**tk._words_config(m, n, words, wide, 8), "U_PER_SPLIT": 256}),
+                           ("words", {**tk._words_config(m, n, words, prefetch, 8), "U_PER_SPLIT": 200}),
+                           ("words", {**tk._words_config(m, n, words, prefetch, 8, bm), "U_PER_SPLIT": 200})]
             for kind, cfg in cands + splits:
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 tk._LAUNCH[kind](x, qw, out, dict(cfg))

@@ -246,7 +246,7 @@ def time_cold(fn, reps: int = 15) -> float:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         flush.zero_()
-        torch.cuda._sleep(SPIN_CYCLES)
+        torch.cuda._sleep(SPIN_CYCLES)  # private PyTorch API: a kernel that spins N cycles
         start.record()
         fn()
         end.record()

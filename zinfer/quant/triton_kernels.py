@@ -9,8 +9,10 @@ Dispatch by M = rows of x:
                 in the layout of the x pairs it meets, so the loop has no layout conversion; a code becomes a
                 float by one shift (shared by two int4 codes) and one LOP3 (placed in the mantissa of 1.0, x
                 prescaled to match), then one FFMA: ~4 SASS instructions per int4 code in the main loop.
-                Grid over M too: the rows of x share each weight tile through L2. Needs group_size * bits
-                a multiple of 32 (whole words per group).
+                WIDE loads two words per thread (64 bits, split in registers), PREFETCH carries the next
+                tile's loads in registers. BLOCK_M rows of x per program share each decoded code; the grid
+                also runs over M, those programs sharing a weight tile through L2. Needs group_size * bits
+                a multiple of 32 (64 for WIDE: whole words per group).
       "groups"  group GEMV (_gemv_kernel, M <= GEMV_MAX_M): a tile is [BLOCK_N rows, GROUPS groups, GB bytes
                 of one group]; the scale is factored out of each group's sum. Any group size.
       "gemm"    the tensor-core kernel below with its fixed small-M config.
@@ -318,7 +320,7 @@ def _gemv_words_kernel(
             w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
             acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
-    if u_full < u_end:  # ragged end (the last split only)
+    if u_full < u_end:  # ragged end of the split
         unit = tl.max_contiguous(u_full + offs_u, 1)
         w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, unit < u_end,
                                        BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
@@ -489,7 +491,10 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
         raise ValueError(f"gemv_words: x must be fp16 or bf16 (read as 16-bit pairs), got {x.dtype}")
     kw = qw.qweight.shape[1] // 4  # 32-bit words per row
     tile = next((t for t in WORDS_TILES if words_ok(qw, t[4])), WORDS_TILES[-1])  # the last is not WIDE
-    cfg = {**_words_config(m, n, kw, tile, _sm_count(x)), **(cfg or {})}
+    cfg = cfg or {}
+    keys = ("BLOCK_N", "BLOCK_W", "num_warps", "PREFETCH", "WIDE")  # the default split is for the tile cfg asks for
+    tile = tuple(cfg.get(key, v) for key, v in zip(keys, tile))
+    cfg = {**_words_config(m, n, kw, tile, _sm_count(x), cfg.get("BLOCK_M", 1)), **cfg}
     wide = cfg["WIDE"]
     if not words_ok(qw, wide):
         bits = 64 if wide else 32
