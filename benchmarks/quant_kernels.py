@@ -145,14 +145,14 @@ def run_case(name, n, k, m, spec, dtype, bw):
     return row
 
 
-def sweep(n, k, m, spec, dtype):
-    """Graph-timed kernel configs around the heuristics: [(config, ms)], fastest first."""
+def sweep(n, k, m, spec, dtype, kinds=("groups", "words", "gemm")):
+    """Graph-timed kernel configs around the heuristics: [(config, ms)], fastest first; kinds picks the kernels."""
     qws, _ = make_weights(n, k, spec, dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     out = torch.empty(m, n, device="cuda", dtype=dtype)
     n_sm = tk._sm_count(x)
     cfgs = []
-    if m <= 4:
+    if m <= 4 and "groups" in kinds:
         gb = triton.next_power_of_2(spec.group_size) // spec.per_byte
         ngroups = qws[0].padded_k // spec.group_size
         for block_n in (2, 4, 8) if m == 1 else (4, 8):
@@ -160,6 +160,7 @@ def sweep(n, k, m, spec, dtype):
                 groups = min(ngroups, max(1, tile // (block_n * gb)))
                 per = tk._split(ngroups, triton.cdiv(n, block_n), n_sm, groups)
                 cfgs.append((tk.gemv, dict(BLOCK_N=block_n, GROUPS=groups, GROUPS_PER_SPLIT=per)))
+    if m <= 4 and "words" in kinds:
         kw = qws[0].qweight.shape[1] // 4  # the word kernel over a wider grid of tiles than the tuner's list
         for wide in (False, True) if tk.words_ok(qws[0]) else ():
             for bn in (2, 4, 8, 16) if tk.words_ok(qws[0], wide) else ():
@@ -169,14 +170,15 @@ def sweep(n, k, m, spec, dtype):
                             tile = (bn, bw, warps, prefetch, wide)
                             cfgs.append((tk.gemv_words, tk._words_config(m, n, kw, tile, n_sm)))
     bm = max(16, triton.next_power_of_2(m))
-    for swap in (False, True):
+    for swap in (False, True) if "gemm" in kinds else ():
         for bn in (64, 128):
-            for stages in (3, 4):
-                for split in (True, False):
-                    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-                    per = tk._split(qws[0].padded_k, tiles, n_sm, 64) if split else qws[0].padded_k
-                    cfgs.append((tk.gemm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, K_PER_SPLIT=per, SWAP_AB=swap,
-                                               num_warps=4, num_stages=stages, GROUP_SIZE_M=1)))  # fmt: skip
+            for bk in (64, 128):
+                for warps in (4, 8):
+                    for split in (True, False):
+                        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                        per = tk._split(qws[0].padded_k, tiles, n_sm, bk) if split else qws[0].padded_k
+                        cfgs.append((tk.gemm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=per, SWAP_AB=swap,
+                                                   num_warps=warps, num_stages=3, GROUP_SIZE_M=1)))  # fmt: skip
     res = [("heuristic", graph_time([lambda q=q: quant_matmul(x, q) for q in qws]))]
     for fn, cfg in cfgs:
         ms = graph_time([lambda q=q, fn=fn, cfg=cfg: fn(x, q, out, cfg=dict(cfg)) for q in qws])
@@ -192,6 +194,7 @@ def main():
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--sweep", action="store_true", help="time kernel configs instead of the table")
+    p.add_argument("--sweep-kinds", default="groups,words,gemm", help="kernels the sweep times")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     ms = [int(v) for v in a.ms.split(",")]
@@ -203,7 +206,7 @@ def main():
         for spec in specs:
             for name, n, k in shapes:
                 for m in ms:
-                    res = sweep(n, k, m, spec, dtype)
+                    res = sweep(n, k, m, spec, dtype, a.sweep_kinds.split(","))
                     heur = next(t for c, t in res if c == "heuristic")
                     print(f"int{spec.bits} {name} M={m}: heuristic {heur * 1e3:.1f} us; best:")
                     for cfg, t in res[:3]:
