@@ -492,8 +492,7 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
     kw = qw.qweight.shape[1] // 4  # 32-bit words per row
     tile = next((t for t in WORDS_TILES if words_ok(qw, t[4])), WORDS_TILES[-1])  # the last is not WIDE
     cfg = cfg or {}
-    keys = ("BLOCK_N", "BLOCK_W", "num_warps", "PREFETCH", "WIDE")  # the default split is for the tile cfg asks for
-    tile = tuple(cfg.get(key, v) for key, v in zip(keys, tile))
+    tile = tuple(cfg.get(key, v) for key, v in zip(WORDS_TILE_KEYS, tile))  # the default split: for the tile asked
     cfg = {**_words_config(m, n, kw, tile, _sm_count(x), cfg.get("BLOCK_M", 1)), **cfg}
     wide = cfg["WIDE"]
     if not words_ok(qw, wide):
@@ -520,10 +519,10 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
 def _words_config(m: int, n: int, kw: int, tile: tuple, n_sm: int, block_m: int = 1) -> dict:
     """Launch config of a WORDS_TILES entry for a weight of n rows and kw 32-bit words per row, block_m rows of x
     per program."""
-    bn, bw, warps, prefetch, wide = tile
-    per = split_k(kw // 2 if wide else kw, triton.cdiv(m, block_m) * triton.cdiv(n, bn), bw, n_sm)  # in load units
-    return dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, PREFETCH=prefetch, WIDE=wide,
-                U_PER_SPLIT=per)  # fmt: skip
+    t = dict(zip(WORDS_TILE_KEYS, tile))
+    units = kw // 2 if t["WIDE"] else kw
+    per = split_k(units, triton.cdiv(m, block_m) * triton.cdiv(n, t["BLOCK_N"]), t["BLOCK_W"], n_sm)  # load units
+    return dict(BLOCK_M=block_m, **t, U_PER_SPLIT=per)
 
 
 def gemv(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
@@ -623,12 +622,13 @@ def _contiguous(qw: QuantizedWeight) -> QuantizedWeight:
 
 TUNED_MAX_M = 4
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the word kernel puts its N tiles
-# (BLOCK_N, BLOCK_W, num_warps, PREFETCH, WIDE) of the word kernel, in order of preference; BLOCK_W = load units
+# Tiles (WORDS_TILE_KEYS) of the word kernel, in order of preference; BLOCK_W = load units
 # per row and step, one unit (a word, or two with WIDE) per thread per row when BLOCK_W = 32 * num_warps, so the x
 # pairs and the codes share one layout (a contiguous tile made Triton vectorize the word loads and move them through
 # shared memory with barriers, seen in the TTGIR). Measured on every Llama-3-8B shape at M = 1 (H200, 2026-12-02,
 # CUDA graphs): the first was the fastest or within 3% of it, int4 and int8; PREFETCH won only int8 down_proj (3%);
 # BLOCK_N 4 / 16 never. The non-WIDE entries serve weights whose groups are not whole 64-bit pairs of words.
+WORDS_TILE_KEYS = ("BLOCK_N", "BLOCK_W", "num_warps", "PREFETCH", "WIDE")
 WORDS_TILES = [(8, 128, 4, False, True), (8, 256, 4, False, True), (8, 256, 4, True, True),
                (8, 256, 4, False, False), (8, 128, 4, False, False)]  # fmt: skip
 _LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm}
