@@ -33,11 +33,13 @@ NEW_TOKENS = 6
 # One script for every launch: `parity` generates each case and rank 0 writes the tokens (or the error);
 # `fail` makes rank 1 raise while rank 0 waits in a collective; `stall` makes rank 1 hang past a 3 s timeout.
 SCRIPT = """
-import json, os, sys, time
+import faulthandler, json, os, sys, time
 import torch
 import zinfer
 from zinfer.parallel import setup
-from zinfer.parallel.launch import fail_fast
+from zinfer.parallel.launch import exit_now, fail_fast
+
+faulthandler.enable()  # an abort (gloo's threads) prints where every thread was
 
 mode, spec_path, out_path = sys.argv[1:4]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -58,6 +60,7 @@ with fail_fast():
         if rank == 0:
             open(out_path, "w").write(json.dumps(result))
         zinfer.parallel.shutdown()
+        exit_now(0)  # as `zinfer` does on a rank: no interpreter teardown, where gloo now and then aborts
     elif mode == "refuse":  # rank 1 alone cannot fit the KV cache: both ranks must refuse, then go on together
         import zinfer.runtime.generator as generator
         llm = zinfer.LLM(spec["cases"][0]["dir"], device="cpu", tp=world)
@@ -77,6 +80,7 @@ with fail_fast():
         if rank == 0:
             open(out_path, "w").write(json.dumps(everyone))
         zinfer.parallel.shutdown()
+        exit_now(0)
     else:
         if mode == "stall":
             setup(world, torch.device("cpu"), timeout_s=3)  # LLM then joins this group
@@ -150,9 +154,15 @@ def torchrun(nproc: int, script: Path, mode: str, cases: list, tmp_path: Path, t
     return proc, (json.loads(out.read_text()) if out.exists() else None), seconds
 
 
+def ranks_stderr(stderr: str) -> str:
+    """What the ranks wrote to stderr, without the launcher's report that follows it (for failure messages)."""
+    ranks = stderr.split("torch/distributed/elastic/multiprocessing", 1)[0]
+    return ranks[-4000:] if ranks.strip() else stderr[-3000:]
+
+
 def check_parity(nproc, script, cases, tmp_path):
     proc, got, _ = torchrun(nproc, script, "parity", cases, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_stderr(proc.stderr)
     want = one_process([c for c in cases if not isinstance(got[c["name"]], str)])
     for name, tokens in want.items():
         assert got[name] == tokens, f"{name}: tp={nproc} {got[name]} != tp=1 {tokens}"
@@ -284,7 +294,7 @@ def test_tp8_matches_one_process(checkpoints, script, tmp_path):
 
 def test_a_rank_refusing_the_cache_is_a_refusal_on_every_rank(checkpoints, script, tmp_path):
     proc, got, _ = torchrun(2, script, "refuse", [case("llama", checkpoints["llama"])], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_stderr(proc.stderr)
     assert got[0]["refused"] == "tensor-parallel rank 1: the KV cache needs 9 GiB but 1 GiB is free"
     assert got[1]["refused"] == "the KV cache needs 9 GiB but 1 GiB is free"
     assert got[0]["tokens"] == got[1]["tokens"] and len(got[0]["tokens"]) == len(PROMPTS)
@@ -310,5 +320,5 @@ def test_cli_nproc_2_prints_once_what_one_process_prints(checkpoints, capsys):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "zinfer", *map(str, argv), "--nproc", "2"], capture_output=True,
                           text=True, env=env, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_stderr(proc.stderr)
     assert proc.stdout == want

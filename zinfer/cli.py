@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         exit_now(code)
     shutdown()
-    return code
+    exit_now(0)  # gloo's threads now and then abort a rank in interpreter teardown, after all its work is done
 
 
 def _launch(tp: int, argv: list[str], args: argparse.Namespace) -> int:

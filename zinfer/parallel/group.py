@@ -5,6 +5,7 @@ so model files can size their per-rank heads without any argument threaded throu
 """
 
 import atexit
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,7 +180,9 @@ def _registered(name: str) -> bool:
 def shutdown() -> None:
     """Tear down torch.distributed if it is up: call it when a script's ranks are done (it also runs at exit
     when zinfer started torch.distributed). The barrier first, so no rank tears down its connections while
-    another still uses them."""
+    another still uses them. Garbage collected first: a reference cycle still holding a group or a gloo work
+    object would otherwise be freed in interpreter teardown, where gloo aborts the process."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
