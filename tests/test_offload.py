@@ -167,3 +167,32 @@ def test_deepspeed_config_drives_llm(tmp_path):
     ds = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "o")}}}
     llm = zinfer.LLM(str(directory), device="cpu", deepspeed_config=ds)
     assert llm.plan is not None and llm.plan.streamed
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "opt-post-ln-proj", "bloom"])
+@pytest.mark.parametrize("bits", [16, 4])
+def test_resident_units_load_on_the_device_streamed_ones_in_host_memory(kind, bits):
+    # The GPU is played by the meta device: every parameter of a resident unit (the rest, layer 0) must be
+    # read straight there, every parameter of a streamed one (layer 1) into host memory, never both.
+    from zinfer.offload.plan import REST, Plan, UnitPlan, load_devices
+    from zinfer.quant import QuantSpec
+    from zinfer.weights.dummy import iter_dummy
+    from zinfer.weights.loader import load_weights, quantize_shells
+
+    model = build_empty(CONFIGS[kind]())
+    if bits < 16:
+        quantize_shells(model, QuantSpec(bits=bits, group_size=16), torch.float32)
+    plan = Plan((UnitPlan(REST, 0, GPU), UnitPlan("layers.0", 0, GPU), UnitPlan("layers.1", 0, CPU)),
+                "cuda", None, 0)
+    meta = torch.device("meta")
+    weights = iter_dummy(model, torch.float32, "cpu")
+    load_weights(model, weights, meta, torch.float32, place=load_devices(model, plan, meta))
+    layers = decoder_layers(model)
+    in_layers = {id(p) for p in layers.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in in_layers]
+    assert rest and all(p.is_meta for p in rest)
+    assert all(p.is_meta for p in layers[0].parameters())
+    streamed = list(layers[1].parameters())
+    assert streamed and all(p.device.type == "cpu" for p in streamed)
+    if bits < 16:
+        assert any(p.dtype == torch.uint8 for p in streamed)  # quantized where they were read, kept packed

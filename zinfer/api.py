@@ -15,7 +15,7 @@ from tqdm import tqdm
 from zinfer.config import EngineConfig
 from zinfer.errors import InputError
 from zinfer.offload import store_key, stream, weights_identity
-from zinfer.offload.plan import kv_policy, make_plan
+from zinfer.offload.plan import kv_policy, load_devices, make_plan
 from zinfer.parallel import setup as setup_tensor_parallel
 from zinfer.parallel.group import rank_device
 from zinfer.quant import QuantSpec
@@ -108,16 +108,16 @@ class LLM:
         # under tp each rank plans, holds and streams only its shard, against its own GPU's memory
         self.plan = make_plan(empty, self.options, self.device, self.dtype) if self.options.offload != "none" else None
         streaming = self.plan is not None and bool(self.plan.streamed)
-        # streamed models are read into host memory first, then each unit goes to its planned home
-        load_device = torch.device("cpu") if streaming else self.device
-        # dummy weights are drawn on the GPU even for a streamed model (then moved to host memory, or quantized
-        # there first): CPU random numbers are far slower, and the same seed gives the same model either way
-        dummy_device = self.device if self.device.type == "cuda" else load_device
-        weights = (iter_dummy(empty, self.dtype, dummy_device, seed or 0) if dummy else self.source.weights())
+        # a streamed model's resident units are read straight to the GPU, the streamed ones into host memory,
+        # from where each unit goes to its planned home (pinned buffers, the NVMe store)
+        place = load_devices(empty, self.plan, self.device) if streaming else None
+        # dummy weights are drawn on the compute device even for a streamed layer (then moved to host memory, or
+        # quantized there first): CPU random numbers are far slower, and the same seed gives the same model
+        weights = (iter_dummy(empty, self.dtype, self.device, seed or 0) if dummy else self.source.weights())
         # a bar for a person at a terminal: loading a large checkpoint takes a while; logs stay clean
         weights = tqdm(weights, desc=f"loading {self.source.name}", total=sum(1 for _ in empty.parameters()),
                        unit=" tensors", disable=not (sys.stderr.isatty() and self.tp.is_main), leave=False)
-        self.model = load_weights(empty, weights, load_device, self.dtype)
+        self.model = load_weights(empty, weights, self.device, self.dtype, place=place)
         self.streamer = None
         if streaming:
             loaded = weights_identity(None if dummy else self.source.weight_files(), seed or 0)

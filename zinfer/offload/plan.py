@@ -7,6 +7,7 @@ fails here with the numbers.
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,18 @@ def unit_bytes(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     sizes = {f"layers.{i}": sum(_nbytes(p, dtype) for p in layer.parameters()) for i, layer in enumerate(layers)}
     sizes[REST] = sum(_nbytes(p, dtype) for p in model.parameters() if id(p) not in in_layers)
     return sizes
+
+
+def load_devices(model: nn.Module, plan: Plan, device: torch.device) -> Callable[[str], torch.device]:
+    """Where each parameter (by its name in `model`) is read to while loading: resident units straight to
+    `device`, streamed ones to host memory (from where they are packed into pinned buffers or the NVMe store).
+    So host memory holds only the streamed layers, however the weights are made (dummy, converted dtype)."""
+    cpu = torch.device("cpu")
+    homes = {u.name: u.place for u in plan.units}
+    paths = {id(m): path for path, m in model.named_modules()}
+    streamed = tuple(f"{paths[id(layer)]}." for i, layer in enumerate(decoder_layers(model))
+                     if homes[f"layers.{i}"] != GPU)
+    return lambda name: cpu if name.startswith(streamed) else device
 
 
 def _free_gpu(device: torch.device) -> int:

@@ -65,8 +65,11 @@ def quantize_shells(model: CausalLM, spec: QuantSpec, dtype) -> None:
 
 
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], device, dtype,
-                 borrowed: Callable[[torch.Tensor], bool] | None = None) -> CausalLM:
+                 borrowed: Callable[[torch.Tensor], bool] | None = None,
+                 place: Callable[[str], torch.device] | None = None) -> CausalLM:
     """Materialise every parameter of `model` from `weights` on `device` in `dtype`; check names and shapes.
+    `place(name)`: the device parameter `name` is read to instead, when they differ (an offloaded model's
+    resident layers go straight to the GPU, its streamed ones to host memory; see `offload.plan.load_devices`).
 
     Quantized Linears (see `quantize_shells`) take either their packed tensors from a quantized checkpoint
     or a dense `weight`, quantized as it is read: one layer's dense copy at a time, never the model's.
@@ -76,8 +79,12 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
     column-parallel weight) is kept as a view of that storage instead of copied, and a parameter still viewing
     one from an earlier load is re-pointed, never written into."""
     shards: ShardPlan | None = getattr(model, "shard_plan", None)
+    if place is None:
+        def place(name: str) -> torch.device:
+            return device
+    paths = {id(m): path for path, m in model.named_modules()}
     for group in merged_groups(model):
-        group.allocate(device, dtype)
+        group.allocate(place(f"{paths[id(group.linears[0])]}.weight"), dtype)
     params = dict(model.named_parameters())
     dense_for_packed = {f"{path}.weight": m for path, m in model.named_modules()
                         if isinstance(m, Linear) and m.qspec is not None}
@@ -101,7 +108,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                                       f"{(lin.out_features, lin.in_features)}")
             prefix = target[: -len("weight")]
-            loaded.update(prefix + n for n in lin.load_weight(tensor, device, dtype))
+            loaded.update(prefix + n for n in lin.load_weight(tensor, place(target), dtype))
             continue
         expected = params[target].shape
         if shards is not None:
@@ -113,11 +120,12 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
                                   f"the model expects {tuple(expected)}")
         param = params[target]
         want = dtype if tensor.is_floating_point() else tensor.dtype  # packed integer tensors keep their type
-        filled = not param.is_meta and param.dtype == want and param.device.type == torch.device(device).type
+        home = torch.device(place(target))
+        filled = not param.is_meta and param.dtype == want and param.device.type == home.type
         if filled and not (borrowed is not None and borrowed(param)):
             param.data.copy_(tensor)  # preallocated in place (fused q/k/v, gate/up), or kept from the last load
         else:
-            value = tensor.to(device=device, dtype=want).contiguous()
+            value = tensor.to(device=home, dtype=want).contiguous()
             keep = shards is None or (borrowed is not None and borrowed(value))
             _assign(model, target, value if keep else _owned(value))
         loaded.add(target)
