@@ -105,3 +105,19 @@ def test_dummy_weights_are_the_same_resident_or_streamed(quant_bits, tmp_path):
     streamed = zinfer.LLM("smollm2-135m", offload="cpu", **options)
     assert streamed.plan.streamed
     assert [c.token_ids for c in streamed.generate(prompts, params)] == resident
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_partly_resident_model_equals_resident(offload, tmp_path):
+    # a budget for 3 resident layers: those are read straight to the GPU, the rest into host memory (or the
+    # NVMe store) and streamed; tokens as with every layer resident
+    params = zinfer.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    options = dict(dummy=True, seed=3, dtype="float32", device="cuda", compile=False)
+    resident = [c.token_ids for c in zinfer.LLM("smollm2-135m", **options).generate(prompts, params)]
+    sizes = {u.name: u.nbytes for u in zinfer.LLM("smollm2-135m", offload="cpu", **options).plan.units}
+    layer = sizes["layers.0"]
+    budget = sizes["rest"] + 2 * layer + 3 * layer + layer // 2
+    mixed = zinfer.LLM("smollm2-135m", offload=offload, offload_dir=str(tmp_path), gpu_memory=budget, **options)
+    assert [u.place for u in mixed.plan.units].count("gpu") == 1 + 3
+    assert [c.token_ids for c in mixed.generate(prompts, params)] == resident

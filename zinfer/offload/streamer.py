@@ -149,9 +149,12 @@ class WeightStreamer:
         for name, layout in self.layouts.items():
             place = places[name]
             if place == GPU:
-                flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-                layout.pack_into(flat)
-                layout.point(flat)
+                # read straight to the device (see `load_devices`): stays as loaded, a packed copy would only
+                # cost a second copy of the unit on the device while it is made
+                if not all(self._on_device(src) for src in layout.sources):
+                    flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+                    layout.pack_into(flat)
+                    layout.point(flat)
             elif place == CPU:
                 flat = aligned_empty(layout.nbytes, pin=self.pin)
                 layout.pack_into(flat)
@@ -160,6 +163,9 @@ class WeightStreamer:
             elif place == NVME:
                 layout.detach(self.device)  # its bytes are already in the store (see build_store)
             layout.release_sources()
+
+    def _on_device(self, t: torch.Tensor) -> bool:
+        return t.device.type == self.device.type and self.device.index in (None, t.device.index)
 
     def _slot_bytes(self) -> int:
         return max((self.layouts[n].nbytes for n in self.streamed), default=0)
