@@ -341,3 +341,25 @@ def test_half_cache_attends_on_host_in_fp32_chunks(llama, dtype, monkeypatch):
     assert one_each == whole
     k32, v32 = made[-1].upcast_buffers()
     assert k32.shape[0] == 1 and k32.dtype == v32.dtype == torch.float32
+    # the host memory they take is counted with the cache's own (the check before allocating counts it too)
+    cache = made[-1]
+    assert cache.host_bytes == cache.keys.nbytes + cache.values.nbytes + k32.nbytes + v32.nbytes
+
+
+def test_host_check_counts_the_upcast_buffers(llama, monkeypatch):
+    # attention on the CPU over a bf16 cache also needs its fp32 buffers: a host with room for the cache alone
+    # but not for them is refused before anything is allocated; an fp32 cache needs none
+    from zinfer.kv.offloaded import host_attention_bytes
+
+    needs = []
+    monkeypatch.setattr("zinfer.runtime.generator.check_host_fits", lambda nbytes, **kw: needs.append(nbytes))
+    for dtype in ("bfloat16", "float32"):
+        llm = zinfer.LLM(str(llama), dtype=dtype, device="cpu", kv_offload=True, kv_attention="cpu")
+        tokens(llm, prompts=PROMPTS[:1])
+        m, state = llm.model, llm.engine.state
+        t_max, b = state.cache.max_len, state.cache.batch_size
+        item = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        cache = 2 * m.num_layers * b * t_max * m.num_kv_heads * m.head_dim * item
+        extra = host_attention_bytes(b, m.num_kv_heads, t_max, m.head_dim, getattr(torch, dtype))
+        assert needs[-1] == cache + extra
+        assert (extra > 0) == (dtype == "bfloat16")

@@ -210,6 +210,19 @@ class PrefetchKVCache(OffloadedKVCache):
 HOST_CHUNK_BYTES = 64 << 20  # fp32 keys + values of the sequences one host attention call takes: a reused buffer
 
 
+def upcast_rows(batch: int, kv_heads: int, max_len: int, head_dim: int) -> int:
+    """Sequences one host attention call upcasts together: HOST_CHUNK_BYTES of fp32 keys and values, at least 1."""
+    return max(1, min(batch, HOST_CHUNK_BYTES // (2 * kv_heads * max_len * head_dim * 4)))
+
+
+def host_attention_bytes(batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Host memory attention on the CPU takes beside the cache: the reused fp32 buffers a half-precision cache
+    is upcast into (an fp32 cache is read in place)."""
+    if dtype == torch.float32:
+        return 0
+    return 2 * upcast_rows(batch, kv_heads, max_len, head_dim) * kv_heads * max_len * head_dim * 4
+
+
 def _rows(x: torch.Tensor | None, b0: int, b1: int, batch: int) -> torch.Tensor | None:
     """Sequences [b0, b1) of a mask [B, 1, 1, n] or bias [B, H, 1, n]; one broadcast over the batch stays whole."""
     return x if x is None or x.shape[0] != batch else x[b0:b1]
@@ -224,6 +237,11 @@ class HostAttentionKVCache(OffloadedKVCache):
         super().__init__(*args, **kwargs)
         self.staging: dict[str, torch.Tensor] = {}  # small pinned buffers for q/k/v in and the output back
         self.step_inputs: tuple | None = None  # (mask, bias, n, host mask, host bias): shared by all layers
+
+    @property
+    def host_bytes(self) -> int:
+        t_max, b, h, d = self.shape
+        return super().host_bytes + host_attention_bytes(b, h, t_max, d, self.dtype)
 
     def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
         s = self.decode_slot(k)
@@ -254,8 +272,8 @@ class HostAttentionKVCache(OffloadedKVCache):
     def upcast_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 keys and values [S, H_kv, T_max, D] for S sequences, S sized to HOST_CHUNK_BYTES (at least 1)."""
         if "k32" not in self.staging:
-            t_max, _, h, d = self.shape
-            per = max(1, min(self.shape[1], HOST_CHUNK_BYTES // (2 * h * t_max * d * 4)))
+            t_max, b, h, d = self.shape
+            per = upcast_rows(b, h, t_max, d)
             for name in ("k32", "v32"):
                 self.staging[name] = torch.empty(per, h, t_max, d, dtype=torch.float32)
         return self.staging["k32"], self.staging["v32"]

@@ -14,7 +14,7 @@ import torch
 from zinfer.errors import InputError
 from zinfer.kv import cache_len
 from zinfer.kv.cache import KVCache
-from zinfer.kv.offloaded import offloaded_cache
+from zinfer.kv.offloaded import host_attention_bytes, offloaded_cache
 from zinfer.models.base import CausalLM
 from zinfer.offload.plan import KVChoice, KVPolicy, kv_shape
 from zinfer.parallel import SINGLE, TensorParallel
@@ -122,6 +122,8 @@ class Generator:
         self._check_gpu_fits(batch_size, max_len, needed=choice.method == "gpu",
                              releasable=old.device_bytes if old else 0, layers=2)
         host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        if choice.method == "cpu":
+            host += host_attention_bytes(batch_size, m.num_kv_heads, max_len, m.head_dim, self.dtype)
         check_host_fits(host, releasable=old.host_bytes if old else 0, tp=self.tp)
         log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
         return choice
