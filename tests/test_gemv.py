@@ -21,6 +21,32 @@ from zinfer.layers.linear import Linear
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_compiled_matmul_as_reduction_equals_linear(rows, bias):
+    # inside torch.compile, 1-2 rows of fp32 x on the CPU are a multiply-and-sum Inductor generates; 3 rows, eager
+    # calls and half types stay F.linear. Each way, x @ W.T + b within fp32 summation-order error.
+    torch.manual_seed(rows)
+    x, w = torch.randn(1, rows, 96), torch.randn(40, 96)
+    b = torch.randn(40) if bias else None
+    seen = []
+
+    def f(x, w, b):
+        seen.append(gemv.traced_as_reduction(x, w))
+        return gemv.linear(x, w, b)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, dynamic=False)(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert seen == [rows <= gemv.CPU_REDUCTION_ROWS]
+    assert not gemv.traced_as_reduction(x, w)  # eager
+    assert torch.equal(gemv.linear(x, w, b), F.linear(x, w, b))
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(f, dynamic=False)(x.bfloat16(), w.bfloat16(), None)
+    assert seen == [False]
+
+
 def test_switch_values_and_error():
     assert [gemv.parse_mode(v) for v in (None, "", "auto", "1", "On", "heuristic", "off", "0")] == [
         "auto", "auto", "auto", "auto", "auto", "heuristic", "off", "off"]  # fmt: skip

@@ -57,3 +57,17 @@ def test_score_equals_transformers_logsoftmax(pair):
     for prompt, row in zip(PROMPTS, batched):
         assert row.shape == (len(prompt) - 1,)
         torch.testing.assert_close(row, llm.score([prompt])[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "qwen2", "opt-post-ln-proj", "bloom"])
+def test_compiled_cpu_decode_equals_transformers(kind, tmp_path):
+    # compile=True on the CPU: decode matmuls of up to 2 rows become reductions Inductor generates (with bias:
+    # qwen2's q/k/v, OPT, BLOOM; Mixtral is not compiled)
+    # (gemv.traced_as_reduction); batch 1 takes that path, batch 3 F.linear: both give transformers' tokens
+    ref = make_checkpoint(kind, tmp_path)
+    llm = zinfer.LLM(str(tmp_path), dtype="float32", device="cpu", compile=True)
+    params = zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True)
+    expected, _ = hf_greedy(ref, PROMPTS, new_tokens=8)
+    assert [c.token_ids for c in llm.generate(PROMPTS, params)] == expected, kind
+    assert llm.generate(PROMPTS[:1], params)[0].token_ids == expected[0], kind
+    assert [c.token_ids for c in llm.generate(PROMPTS[1:], params)] == expected[1:], kind

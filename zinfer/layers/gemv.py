@@ -1,5 +1,6 @@
 """Decode-sized dense matmuls: x @ W.T (+ bias) with at most MAX_M rows of x on CUDA goes to the Triton kernels of
-triton_gemv.py, everything else to F.linear.
+triton_gemv.py; with at most CPU_REDUCTION_ROWS rows of fp32 x on the CPU inside torch.compile, to the reduction
+Inductor generates; everything else to F.linear.
 
 At batch 1 a decode step is a stream of GEMVs over the weights; cuBLAS's M = 1 GEMV stopped at ~3.1 of the H200's
 4.2 TB/s, the Triton kernels aim at the copy ceiling (benchmarks/gemv.py measures both).
@@ -64,8 +65,28 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return not (grads and torch.is_grad_enabled())  # the op has no backward: training goes through F.linear
 
 
+CPU_REDUCTION_ROWS = 2  # rows of x up to which a compiled CPU matmul is a reduction (at 4 it reads W 4 times)
+
+
+def traced_as_reduction(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` is written as a multiply-and-sum for torch.compile to generate: up to CPU_REDUCTION_ROWS
+    rows of fp32 x on the CPU inside a compiled step (decode at small batches). Inductor makes it one vectorised
+    pass over the weight: on the 2-core CI machine up to 1.9x MKL's rate at M = 1 and 2.1x at M = 2 on the large
+    shapes (benchmarks/cpu_gemv.py, BENCHMARKS.md); at M = 4 each row rereads the weight and MKL is as fast.
+    Eager, the product would be materialised: F.linear stays."""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and weight.dim() == 2):
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (x.dtype == weight.dtype == torch.float32 and x.shape[-1] == weight.shape[1]
+            and isinstance(rows, int) and 0 < rows <= CPU_REDUCTION_ROWS)  # a data-dependent size is not an int
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), by the skinny Triton kernels where `uses_kernel` says so."""
+    """F.linear(x, weight, bias), by the skinny Triton kernels where `uses_kernel` says so, or as the reduction
+    torch.compile generates where `traced_as_reduction` says so."""
+    if traced_as_reduction(x, weight):
+        y = (weight * x.reshape(-1, 1, weight.shape[1])).sum(-1).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
     if not uses_kernel(x, weight, bias):
         return F.linear(x, weight, bias)
     k, n = x.shape[-1], weight.shape[0]
