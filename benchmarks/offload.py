@@ -3,6 +3,7 @@
 Run on the device:  python benchmarks/offload.py [--cases all-cpu,half-gpu,nvme,all-cpu-int4] [--no-peer]
 Llama-3-8B shape, fp16 dummy weights, batch 16, prompt 512, 32 new tokens (the issue's workload). A case name
 ending in -int4 / -int8 streams group-wise quantized weights (group 64) instead.
+Each case also reports the peak rise of host memory in use while it loads (sampled every 0.2 s).
 Writes $OUT/offload.json.
 """
 
@@ -12,14 +13,49 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
 
 import zinfer
 from zinfer.bench.ceilings import get_ceilings
+from zinfer.offload.plan import unit_bytes
+from zinfer.weights.loader import build_empty
+from zinfer.weights.source import resolve
 
 MODEL, BATCH, PROMPT, GEN = "llama-3-8b", 16, 512, 32
+
+
+def host_in_use() -> int:
+    """Bytes of host memory in use (MemTotal - MemAvailable): what a load draws shows up here, pinned included."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+class HostPeak:
+    """Around a load: the peak rise of host memory in use, sampled every 0.2 s on a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = host_in_use()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, host_in_use())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, host_in_use())
+        self.rise_gib = (self.peak - self.base) / 2**30
 
 
 def workload(vocab):
@@ -79,32 +115,30 @@ def main():
         t = time.perf_counter()
         place, _, bits = name.partition("-int")
         quant = dict(quant_bits=int(bits), quant_group_size=64) if bits else {}
-        if place == "all-cpu":
-            llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu", **quant)
-        elif place == "half-gpu":
-            probe = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu")
-            per_layer = probe.plan.units[1].nbytes
-            budget = probe.plan.units[0].nbytes + 2 * per_layer + 16 * per_layer
-            del probe
-            gc.collect()
-            torch.cuda.empty_cache()
-            llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu", gpu_memory=budget)
-        elif place == "nvme":
-            llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="nvme",
-                             offload_dir=os.path.join(tempfile.gettempdir(), "zinfer-offload"), **quant)
-        elif place == "mixtral-over-gpu":
-            cap = min(torch.cuda.mem_get_info()[0] - (4 << 30), 70 << 30)
-            llm = zinfer.LLM("mixtral-8x7b", dummy=True, dtype="bfloat16", device="cuda", offload="auto",
-                             gpu_memory=cap)
-        else:
-            raise SystemExit(f"unknown case {name}")
+        with HostPeak() as host:
+            if place == "all-cpu":
+                llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu", **quant)
+            elif place == "half-gpu":
+                sizes = unit_bytes(build_empty(resolve(MODEL).config), torch.float16)  # meta shapes, no load
+                budget = sizes["rest"] + 2 * sizes["layers.0"] + 16 * sizes["layers.0"]
+                llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="cpu", gpu_memory=budget)
+            elif place == "nvme":
+                llm = zinfer.LLM(MODEL, dummy=True, dtype="float16", device="cuda", offload="nvme",
+                                 offload_dir=os.path.join(tempfile.gettempdir(), "zinfer-offload"), **quant)
+            elif place == "mixtral-over-gpu":
+                cap = min(torch.cuda.mem_get_info()[0] - (4 << 30), 70 << 30)
+                llm = zinfer.LLM("mixtral-8x7b", dummy=True, dtype="bfloat16", device="cuda", offload="auto",
+                                 gpu_memory=cap)
+            else:
+                raise SystemExit(f"unknown case {name}")
         load_s = time.perf_counter() - t
-        print(f"{name}: loaded in {load_s:.1f} s", flush=True)
+        print(f"{name}: loaded in {load_s:.1f} s, host memory in use rose by at most {host.rise_gib:.1f} GiB",
+              flush=True)
         if place in ("nvme", "mixtral-over-gpu"):  # steps take seconds (NVMe) or one call's limit is near (Mixtral)
             r = run(llm, repeats=1, gen=4 if place == "nvme" else 8)
         else:
             r = run(llm)
-        r["load_s"], r["quant_bits"] = load_s, int(bits or 16)
+        r["load_s"], r["quant_bits"], r["load_host_peak_rise_gib"] = load_s, int(bits or 16), host.rise_gib
         bw = disk if place == "nvme" and disk else h2d
         r["floor_step_ms"] = r["streamed_gib"] * 2**30 / bw * 1e3
         r["step_over_floor"] = r["decode_step_ms"] / r["floor_step_ms"] if r["floor_step_ms"] else None
