@@ -119,5 +119,12 @@ def test_partly_resident_model_equals_resident(offload, tmp_path):
     layer = sizes["layers.0"]
     budget = sizes["rest"] + 2 * layer + 3 * layer + layer // 2
     mixed = zinfer.LLM("smollm2-135m", offload=offload, offload_dir=str(tmp_path), gpu_memory=budget, **options)
-    assert [u.place for u in mixed.plan.units].count("gpu") == 1 + 3
+    places = {u.name: u.place for u in mixed.plan.units}
+    assert list(places.values()).count("gpu") == 1 + 3
+    for i, layer in enumerate(mixed.model.decoder_layers()):  # resident layers hold their weights on the GPU;
+        tensors = list(layer.parameters())  # streamed ones hold empty tensors between uses
+        on_gpu = places[f"layers.{i}"] == "gpu"
+        assert all(t.is_cuda and t.numel() > 0 for t in tensors) if on_gpu else all(t.numel() == 0 for t in tensors)
+    if offload == "cpu":
+        assert sorted(mixed.streamer.host) == sorted(n for n, p in places.items() if p == "cpu")
     assert [c.token_ids for c in mixed.generate(prompts, params)] == resident

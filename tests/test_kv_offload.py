@@ -344,6 +344,8 @@ def test_half_cache_attends_on_host_in_fp32_chunks(llama, dtype, monkeypatch):
     # the host memory they take is counted with the cache's own (the check before allocating counts it too)
     cache = made[-1]
     assert cache.host_bytes == cache.keys.nbytes + cache.values.nbytes + k32.nbytes + v32.nbytes
+    t_max, b, h, d = cache.shape
+    assert offloaded.host_attention_bytes(b, h, t_max, d, cache.dtype) == k32.nbytes + v32.nbytes
 
 
 def test_host_check_counts_the_upcast_buffers(llama, monkeypatch):

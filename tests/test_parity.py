@@ -60,10 +60,20 @@ def test_score_equals_transformers_logsoftmax(pair):
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "qwen2"])
-def test_compiled_cpu_decode_equals_transformers(kind, tmp_path):
+def test_compiled_cpu_decode_equals_transformers(kind, tmp_path, monkeypatch):
     # compile=True on the CPU: decode matmuls of up to 2 rows become reductions Inductor generates (with bias:
     # qwen2's q/k/v); two families keep the compiles (one per batch size) within CI's time
     # (gemv.traced_as_reduction); batch 1 takes that path, batch 3 F.linear: both give transformers' tokens
+    from zinfer.layers import gemv
+
+    taken, decide = [], gemv.traced_as_reduction
+
+    def spy(x, w):
+        taken.append(decide(x, w))
+        return taken[-1]
+
+    monkeypatch.setattr(gemv, "traced_as_reduction", spy)
+    torch._dynamo.reset()  # traced afresh (the spy's appends are replayed only by code traced with this spy)
     ref = make_checkpoint(kind, tmp_path)
     llm = zinfer.LLM(str(tmp_path), dtype="float32", device="cpu", compile=True)
     params = zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -71,3 +81,4 @@ def test_compiled_cpu_decode_equals_transformers(kind, tmp_path):
     assert [c.token_ids for c in llm.generate(PROMPTS, params)] == expected, kind
     assert llm.generate(PROMPTS[:1], params)[0].token_ids == expected[0], kind
     assert [c.token_ids for c in llm.generate(PROMPTS[1:], params)] == expected[1:], kind
+    assert any(taken), "no compiled matmul took the reduction"

@@ -472,6 +472,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code; a rank of a multi-process job does not return, it ends its process (exit_now)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     try:
@@ -496,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         exit_now(code)
     shutdown()
+    logging.shutdown()
     exit_now(0)  # gloo's threads now and then abort a rank in interpreter teardown, after all its work is done
 
 

@@ -240,8 +240,8 @@ class HostAttentionKVCache(OffloadedKVCache):
 
     @property
     def host_bytes(self) -> int:
-        t_max, b, h, d = self.shape
-        return super().host_bytes + host_attention_bytes(b, h, t_max, d, self.dtype)
+        """The cache's arrays plus the fp32 upcast buffers once made (`host_attention_bytes` before)."""
+        return super().host_bytes + sum(self.staging[n].nbytes for n in ("k32", "v32") if n in self.staging)
 
     def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
         s = self.decode_slot(k)

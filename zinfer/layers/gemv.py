@@ -76,9 +76,12 @@ def traced_as_reduction(x: torch.Tensor, weight: torch.Tensor) -> bool:
     Eager, the product would be materialised: F.linear stays."""
     if not (torch.compiler.is_compiling() and x.device.type == "cpu" and weight.dim() == 2):
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # training keeps F.linear's backward
+    # the decode step compiles with static shapes (dynamic=False): rows is a plain number here
     rows = x.numel() // max(x.shape[-1], 1)
     return (x.dtype == weight.dtype == torch.float32 and x.shape[-1] == weight.shape[1]
-            and isinstance(rows, int) and 0 < rows <= CPU_REDUCTION_ROWS)  # a data-dependent size is not an int
+            and 0 < rows <= CPU_REDUCTION_ROWS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -39,7 +39,8 @@ def store_key(model: nn.Module, source_name: str, dtype: torch.dtype, options: E
 
 def stream(model: nn.Module, plan: Plan, options: EngineConfig, device: torch.device, key: dict,
            sync: bool = False) -> WeightStreamer:
-    """Move a CPU-loaded model to its planned homes and attach the streamer to it."""
+    """Move a loaded model (resident units on the device, streamed ones in host memory: `load_devices`) to its
+    planned homes and attach the streamer to it."""
     store = None
     if any(u.place == NVME for u in plan.units):
         from zinfer.offload.nvme import NvmeStore
