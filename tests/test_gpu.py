@@ -115,7 +115,11 @@ def test_partly_resident_model_equals_resident(offload, tmp_path):
     prompts = [[5, 6, 7, 8], [9, 10]]
     options = dict(dummy=True, seed=3, dtype="float32", device="cuda", compile=False)
     resident = [c.token_ids for c in zinfer.LLM("smollm2-135m", **options).generate(prompts, params)]
-    sizes = {u.name: u.nbytes for u in zinfer.LLM("smollm2-135m", offload="cpu", **options).plan.units}
+    from zinfer.offload.plan import unit_bytes
+    from zinfer.weights.loader import build_empty
+    from zinfer.weights.source import resolve
+
+    sizes = unit_bytes(build_empty(resolve("smollm2-135m").config), torch.float32)  # from shapes, no load
     layer = sizes["layers.0"]
     budget = sizes["rest"] + 2 * layer + 3 * layer + layer // 2
     mixed = zinfer.LLM("smollm2-135m", offload=offload, offload_dir=str(tmp_path), gpu_memory=budget, **options)
