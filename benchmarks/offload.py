@@ -20,7 +20,7 @@ import torch
 
 import zinfer
 from zinfer.bench.ceilings import get_ceilings
-from zinfer.offload.plan import unit_bytes
+from zinfer.offload.plan import free_host_bytes, unit_bytes
 from zinfer.weights.loader import build_empty
 from zinfer.weights.source import resolve
 
@@ -28,13 +28,8 @@ MODEL, BATCH, PROMPT, GEN = "llama-3-8b", 16, 512, 32
 
 
 def host_in_use() -> int:
-    """Bytes of host memory in use (MemTotal - MemAvailable): what a load draws shows up here, pinned included."""
-    info = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            info[key] = int(value.split()[0]) * 1024
-    return info["MemTotal"] - info["MemAvailable"]
+    """Bytes of host memory in use (physical minus available): what a load draws shows up here, pinned included."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") - free_host_bytes()
 
 
 class HostPeak:

@@ -350,18 +350,22 @@ def test_half_cache_attends_on_host_in_fp32_chunks(llama, dtype, monkeypatch):
 
 def test_host_check_counts_the_upcast_buffers(llama, monkeypatch):
     # attention on the CPU over a bf16 cache also needs its fp32 buffers: a host with room for the cache alone
-    # but not for them is refused before anything is allocated; an fp32 cache needs none
+    # but not for them is refused before anything is allocated, with the numbers; an fp32 cache needs none
     from zinfer.kv.offloaded import host_attention_bytes
+    from zinfer.offload.plan import HOST_FILL
 
-    needs = []
-    monkeypatch.setattr("zinfer.runtime.generator.check_host_fits", lambda nbytes, **kw: needs.append(nbytes))
-    for dtype in ("bfloat16", "float32"):
-        llm = zinfer.LLM(str(llama), dtype=dtype, device="cpu", kv_offload=True, kv_attention="cpu")
-        tokens(llm, prompts=PROMPTS[:1])
-        m, state = llm.model, llm.engine.state
-        t_max, b = state.cache.max_len, state.cache.batch_size
-        item = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-        cache = 2 * m.num_layers * b * t_max * m.num_kv_heads * m.head_dim * item
-        extra = host_attention_bytes(b, m.num_kv_heads, t_max, m.head_dim, getattr(torch, dtype))
-        assert needs[-1] == cache + extra
-        assert (extra > 0) == (dtype == "bfloat16")
+    def llm(dtype):
+        return zinfer.LLM(str(llama), dtype=dtype, device="cpu", kv_offload=True, kv_attention="cpu")
+
+    probe = llm("bfloat16")
+    tokens(probe, prompts=PROMPTS[:1])
+    m, cache = probe.model, probe.engine.state.cache
+    extra = host_attention_bytes(cache.batch_size, m.num_kv_heads, cache.max_len, m.head_dim, torch.bfloat16)
+    arrays = cache.keys.nbytes + cache.values.nbytes
+    assert extra > 0 and host_attention_bytes(1, 2, 8, 16, torch.float32) == 0
+    free = int((arrays + extra // 2) / HOST_FILL)  # room for the arrays and half the buffers
+    monkeypatch.setattr("zinfer.offload.plan.free_host_bytes", lambda: free)
+    with pytest.raises(InputError, match=r"the offloaded KV cache needs [\d.]+ GiB of host memory but"):
+        tokens(llm("bfloat16"), prompts=PROMPTS[:1])
+    monkeypatch.setattr("zinfer.offload.plan.free_host_bytes", lambda: int((arrays + extra) / HOST_FILL) + 64)
+    tokens(llm("bfloat16"), prompts=PROMPTS[:1])  # room for both: runs

@@ -61,9 +61,9 @@ def test_score_equals_transformers_logsoftmax(pair):
 
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "qwen2"])
 def test_compiled_cpu_decode_equals_transformers(kind, tmp_path, monkeypatch):
-    # compile=True on the CPU: decode matmuls of up to 2 rows become reductions Inductor generates (with bias:
-    # qwen2's q/k/v); two families keep the compiles (one per batch size) within CI's time
-    # (gemv.traced_as_reduction); batch 1 takes that path, batch 3 F.linear: both give transformers' tokens
+    # compile=True on the CPU: decode matmuls of up to 2 rows become reductions Inductor generates
+    # (gemv.traced_as_reduction; with bias: qwen2's q/k/v); batches of 1 and 2 take that path, 3 F.linear, and all
+    # give transformers' tokens. Two families keep the compiles (one per batch size) within CI's time
     from zinfer.layers import gemv
 
     taken, decide = [], gemv.traced_as_reduction
