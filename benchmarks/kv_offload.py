@@ -215,11 +215,15 @@ def main():
                             ceil_cpu["matmul_flops_per_s"], "measured")
     cap_gpu(cap)
     notes = []
+    host_before = free_host_bytes()
     name, bits, llm = load(args, notes)
     load_s = time.perf_counter() - start
     results = dict(model=name, quant_bits=bits, prompt_len=PROMPT, gen_len=args.gen_len, gpu_gib=cap / 2**30,
                    device=torch.cuda.get_device_name(), load_s=load_s, bandwidths=bandwidths.__dict__,
                    streamed_gib=sum(u.nbytes for u in llm.plan.streamed) / 2**30, notes=notes,
+                   # what loading took from host memory, against the streamed bytes it must hold
+                   host_free_before_load_gib=host_before / 2**30,
+                   host_taken_by_load_gib=(host_before - free_host_bytes()) / 2**30,
                    planner_max_batch=predicted(llm, cap), rows=[])
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}), flush=True)
     sweep(llm, args, bandwidths, results, start)

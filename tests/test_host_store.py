@@ -90,3 +90,26 @@ def test_aligned_empty(align):
     for n in (1, 1000, 100_000):
         buf = aligned_empty(n, align)
         assert buf.numel() == n and buf.data_ptr() % align == 0
+
+
+@pytest.mark.gpu
+def test_gpu_large_pinned_block_takes_its_exact_size():
+    """Past REGISTER_MIN a pinned block is page-locked where it lies: CUDA's caching host allocator, which
+    rounds 96 MiB + 1 byte up to 128 MiB, is not asked, and DMA both ways works."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+
+    def cached() -> int:
+        return sum(v for k, v in stats().items() if k.startswith("reserved_bytes") and k.endswith("current")) \
+            if stats else 0
+
+    before = cached()
+    n = (96 << 20) + 1
+    buf = aligned_empty(n, pin=True)
+    assert buf.numel() == n and buf.data_ptr() % 4096 == 0 and buf.is_pinned()
+    assert cached() == before
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    buf.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(buf.cuda(non_blocking=True), src)
+    del buf  # unregisters
+    torch.cuda.synchronize()

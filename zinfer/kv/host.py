@@ -1,11 +1,11 @@
-"""Host memory for an offloaded KV cache: one CPU allocation per tensor set, optionally page-locked in place.
+"""Page-locked host memory at its exact size: an offloaded KV cache, and every large pinned block (`pinned_empty`).
 
 `torch.empty(..., pin_memory=True)` goes through CUDA's caching host allocator, which rounds every
-block up to a power of two: a 40 GiB cache would take 64 GiB. The cache is the largest thing in host
-memory and its size decides the batch, so a large one is allocated pageable and then registered with
-`cudaHostRegister` (exact size, same DMA speed) in page-aligned pieces, one per layer (pinning 100 GiB
-in one call can stall for minutes), and unregistered before it is freed. Allocations that large come
-from their own mmap, so no other allocation shares their pages. Small ones just use the pinned allocator.
+block up to a power of two: a 40 GiB cache would take 64 GiB, and a streamed layer of 0.53 GiB takes 1 GiB.
+A large block is therefore allocated pageable and then registered with `cudaHostRegister` (exact size, same
+DMA speed) in page-aligned pieces, one per layer or per GiB (pinning 100 GiB in one call can stall for
+minutes), and unregistered before it is freed. Allocations that large come from their own mmap, so no other
+allocation shares their pages. Small ones just use the pinned allocator.
 """
 
 import logging
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 REGISTER_MIN = 64 << 20  # bytes: above glibc's largest mmap threshold (32 MiB), so the pages are ours alone
+PIECE = 1 << 30  # bytes page-locked per cudaHostRegister call for a single block
 
 
 def _unregister(ptrs: list[int], memory: torch.Tensor | None = None) -> None:
@@ -41,6 +42,38 @@ def _register(ranges: list[tuple[int, int]]) -> list[int] | None:
     return done
 
 
+def _lock(raw: torch.Tensor, stride: int, count: int, owner) -> bool:
+    """Page-lock `count` pieces of `stride` bytes from the first page boundary of `raw` where they lie, until
+    `owner` is collected; False (nothing locked) when the driver refuses."""
+    start = raw.data_ptr()
+    aligned = start + (-start % PAGE)
+    # the first piece also covers the bytes before the first page, so the storage's own pointer is
+    # registered and `is_pinned()` answers True
+    ranges = [(start, aligned + stride - start)] + [(aligned + i * stride, stride) for i in range(1, count)]
+    ptrs = _register(ranges)
+    if ptrs is None:
+        return False
+    done = weakref.finalize(owner, _unregister, ptrs, raw)
+    done.atexit = False  # at exit the process's memory goes back whole: no CUDA calls then
+    return True
+
+
+def pinned_empty(nbytes: int) -> torch.Tensor:
+    """`nbytes` of uninitialised page-locked host memory starting on a page, at their exact size past
+    REGISTER_MIN. The pages are unlocked when the returned tensor is collected: keep it, not only views of it
+    (a view that outlives it stays valid, but pageable)."""
+    if nbytes < REGISTER_MIN:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    count = -(-nbytes // PIECE)
+    stride = -(-nbytes // count // PAGE) * PAGE
+    raw = torch.empty(count * stride + PAGE, dtype=torch.uint8)
+    base = -raw.data_ptr() % PAGE
+    out = raw[base: base + nbytes]
+    if not _lock(raw, stride, count, out):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return out
+
+
 class HostArrays:
     """`count` CPU tensors of `shape`, each starting on a page, in one allocation; page-locked when `pin` (and
     CUDA exists), unpinned when this object dies."""
@@ -52,25 +85,12 @@ class HostArrays:
         total = count * stride + PAGE  # + a page to align the first tensor
         registering = self.pinned and total >= REGISTER_MIN
         raw = torch.empty(total, dtype=torch.uint8, pin_memory=self.pinned and not registering)
-        if registering:
-            raw = self._register(raw, count, stride, shape, dtype)
+        if registering and not _lock(raw, stride, count, self):
+            raw = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         base = -raw.data_ptr() % PAGE
         # uninitialised: readers only look at rows that were written
         self.tensors = [raw[base + i * stride: base + i * stride + nbytes].view(dtype).view(shape)
                         for i in range(count)]
-
-    def _register(self, raw: torch.Tensor, count: int, stride: int, shape, dtype) -> torch.Tensor:
-        start = raw.data_ptr()
-        aligned = start + (-start % PAGE)
-        # the first piece also covers the bytes before the first page, so the storage's own pointer is
-        # registered and `is_pinned()` answers True
-        ranges = [(start, aligned + stride - start)] + [(aligned + i * stride, stride) for i in range(1, count)]
-        ptrs = _register(ranges)
-        if ptrs is None:
-            return torch.empty(raw.numel(), dtype=torch.uint8, pin_memory=True)
-        self._finalizer = weakref.finalize(self, _unregister, ptrs, raw)
-        self._finalizer.atexit = False  # at exit the process's memory goes back whole: no CUDA calls then
-        return raw
 
     @property
     def nbytes(self) -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from zinfer.errors import ZinferError
+from zinfer.kv.host import PAGE, REGISTER_MIN, pinned_empty
 
 MiB = 1 << 20
-DEFAULT_CHUNK_BYTES = 256 * MiB  # a power of two: the CUDA host allocator rounds sizes up to one
+DEFAULT_CHUNK_BYTES = 256 * MiB
 
 
 class HostMemoryBudgetError(ZinferError, ValueError):
@@ -32,12 +33,14 @@ def align_up(n: int, align: int) -> int:
 def aligned_empty(nbytes: int, align: int = 4096, pin: bool = False) -> torch.Tensor:
     """A uint8 tensor of `nbytes` whose first byte sits on an `align`-byte boundary.
 
-    Pinned blocks come page-aligned from cudaHostAlloc, so the exact size is tried first:
-    over-allocating a 256 MiB pinned chunk by a few bytes would make the CUDA caching host
-    allocator round it up to 512 MiB. The CPU allocator only promises 64 bytes, hence the
-    over-allocate-and-slice fallback.
+    Large pinned blocks are page-locked where they lie at their exact size (`pinned_empty`): CUDA's caching
+    host allocator would round a 0.53 GiB streamed layer up to 1 GiB. Small pinned blocks come page-aligned
+    from cudaHostAlloc, so the exact size is tried first. The CPU allocator only promises 64 bytes, hence
+    the over-allocate-and-slice fallback.
     """
     pin = resolve_pin(pin)
+    if pin and nbytes >= REGISTER_MIN and PAGE % align == 0:
+        return pinned_empty(nbytes)
     raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     if raw.data_ptr() % align == 0:
         return raw
