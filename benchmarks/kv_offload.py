@@ -166,14 +166,17 @@ def reset_streamer(llm) -> None:
         llm.streamer.ready.clear()
 
 
-def batches_for(spec: str | None, case: str) -> list[int]:
-    """--batches "8,16" (every case) or "gpu-cache=8,16;offload-cpu-attn=16,64" (per case; others: defaults)."""
+def batches_for(spec: str | None, case: str, planner_max: dict) -> list[int]:
+    """--batches "8,16" (every case) or "gpu-cache=8,16;offload-cpu-attn=16,64" (per case; others: defaults);
+    "max" stands for the planner's largest batch of the case."""
     if not spec:
         return BATCHES[case]
-    if "=" not in spec:
-        return [int(b) for b in spec.split(",")]
-    per = dict(part.split("=", 1) for part in spec.split(";") if part)
-    return [int(b) for b in per[case].split(",")] if case in per else BATCHES[case]
+    if "=" in spec:
+        per = dict(part.split("=", 1) for part in spec.split(";") if part)
+        if case not in per:
+            return BATCHES[case]
+        spec = per[case]
+    return [planner_max[case] if b == "max" else int(b) for b in spec.split(",")]
 
 
 def sweep(llm, args, bandwidths, results, start) -> None:
@@ -181,7 +184,7 @@ def sweep(llm, args, bandwidths, results, start) -> None:
     for case in args.cases.split(","):
         use_case(llm, case, bandwidths)
         auto = kv_policy(EngineConfig(offload="cpu", kv_offload=True), llm.device, llm.plan, bandwidths)
-        for batch in batches_for(args.batches, case):
+        for batch in batches_for(args.batches, case, results["planner_max_batch"]):
             if time.perf_counter() - start > args.time_budget:
                 results["notes"].append(f"time budget spent: {case} stopped before batch {batch}")
                 results["rows"] = merged(rows, results)
@@ -201,7 +204,8 @@ def main():
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes for every case, or per case: "
-                    "'gpu-cache=8,16;offload-cpu-attn=16,64' (default: each case's list)")
+                    "'gpu-cache=8,16;offload-cpu-attn=16,max' ('max': the planner's largest; default: each "
+                    "case's list)")
     ap.add_argument("--gen-len", type=int, default=GEN)
     ap.add_argument("--gpu-memory", default="24GiB", help="the GPU size to behave like")
     ap.add_argument("--weights-gpu-memory", default=None, help="GPU budget for resident weights (default: stream all)")
