@@ -3,7 +3,8 @@ pinned CPU memory, prompt 512, 32 new tokens, a 24 GiB GPU.
 
 A batch-size sweep, three ways: the KV cache on the GPU ("gpu-cache"), and offloaded to pinned CPU memory with
 async writes, decode attention on the GPU after a per-layer prefetch ("offload-gpu-attn") or on the CPU
-("offload-cpu-attn"). Each row records run_generation's metrics (total throughput = B·G / total latency,
+("offload-cpu-attn", compiled on the CPU; "offload-cpu-attn-eager" as before 2026-12-03). Each row records
+run_generation's metrics (total throughput = B·G / total latency,
 decode = B·(G-1) / decode latency, prefill = B·P / prefill latency), peak GPU memory, and what the planner's
 cost model would pick ("auto_pick"). Per case: the largest batch that ran, and the planner's `max_batch`.
 
@@ -43,10 +44,14 @@ CASES = {
     "gpu-cache": dict(kv_offload=False),
     "offload-gpu-attn": dict(kv_offload=True, kv_attention="gpu", pin_kv_cache=True, async_kv_offload=True),
     "offload-cpu-attn": dict(kv_offload=True, kv_attention="cpu", pin_kv_cache=True, async_kv_offload=True),
+    # attention on the CPU as before 2026-12-03: eager matmuls over fp32 copies (compiled is the default on a GPU)
+    "offload-cpu-attn-eager": dict(kv_offload=True, kv_attention="cpu", pin_kv_cache=True, async_kv_offload=True,
+                                   compile=False),
 }
 BATCHES = {"gpu-cache": [1, 4, 8, 16, 24, 32, 48, 64],
            "offload-gpu-attn": [1, 8, 16, 32, 48, 64, 96, 128],
-           "offload-cpu-attn": [1, 8, 16, 32, 48, 64, 96, 128]}
+           "offload-cpu-attn": [1, 8, 16, 32, 48, 64, 96, 128],
+           "offload-cpu-attn-eager": [16]}
 STATE = os.path.join(".out", "kv_offload.json")  # ignored by git; survives between calls on a warm machine
 
 
@@ -84,9 +89,11 @@ def use_case(llm, case: str, bandwidths: Bandwidths) -> None:
     llm.engine.release()
     gc.collect()
     torch.cuda.empty_cache()
-    options = EngineConfig(offload="cpu", **CASES[case])
+    opts = dict(CASES[case])
+    compile_attention = opts.pop("compile", None)
+    options = EngineConfig(offload="cpu", **opts)
     llm.engine = Generator(llm.model, llm.device, llm.dtype, compile=False,
-                           kv=kv_policy(options, llm.device, llm.plan, bandwidths))
+                           kv=kv_policy(options, llm.device, llm.plan, bandwidths, compile=compile_attention))
 
 
 def prompts(batch: int, vocab: int) -> list[list[int]]:
@@ -121,6 +128,8 @@ def run(llm, case: str, batch: int, gen: int, auto) -> dict:
 
 def predicted(llm, cap: int) -> dict:
     """The planner's largest batch for each case, from the memory left after the weights are in place."""
+    gc.collect()
+    torch.cuda.empty_cache()  # blocks loading freed (quantizing a layer) are free for the cache too
     free_gpu = max(0, cap - torch.cuda.memory_reserved())
     free_host = free_host_bytes()
     out = dict(free_gpu_gib=free_gpu / 2**30, free_host_gib=free_host / 2**30)

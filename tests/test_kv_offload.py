@@ -216,7 +216,7 @@ def test_plan_text():
     text = kv_plan_text(model, torch.float16, options, 512, 32, 20 * GiB, 200 * GiB, batch=32,
                         bandwidths=Bandwidths(pcie=25e9, host_memory=100e9, cpu_flops=1e12))
     assert text.splitlines()[0] == ("KV cache: offloaded to pinned CPU memory, async device-to-host writes on a "
-                                    "side stream; decode attention: auto")
+                                    "side stream; decode attention: auto (on the CPU: eager)")
     assert "batch 32 x 544 tokens: " in text and "decode attention on " in text
     assert "largest batch for 512+32 tokens: " in text and "offloaded (200.0 GiB host memory free" in text
     plain = kv_plan_text(model, torch.float16, EngineConfig(), 512, 32, 20 * GiB, 200 * GiB)
@@ -346,6 +346,58 @@ def test_half_cache_attends_on_host_in_fp32_chunks(llama, dtype, monkeypatch):
     assert cache.host_bytes == cache.keys.nbytes + cache.values.nbytes + k32.nbytes + v32.nbytes
     t_max, b, h, d = cache.shape
     assert offloaded.host_attention_bytes(b, h, t_max, d, cache.dtype) == k32.nbytes + v32.nbytes
+
+
+def test_decode_attention_as_reduction_equals_matmuls():
+    # the multiply-and-sum form a CPU-attended cache compiles is the matmul form's math: GQA, padding mask, ALiBi
+    # bias; a half-precision cache is read as it lies with fp32 products
+    from zinfer.layers.attention import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, t, d = 3, 4, 2, 7, 16
+    q = torch.randn(b, h, 1, d, generator=g)
+    keys, values = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    mask = torch.rand(b, 1, 1, t, generator=g) > 0.4
+    mask[..., 0] = True
+    bias = torch.randn(1, h, 1, t, generator=g)
+    for m, bi in ((None, None), (mask, None), (mask, bias)):
+        ref = decode_attention(q, keys, values, m, bi, d ** -0.5, hkv)
+        red = decode_attention(q, keys, values, m, bi, d ** -0.5, hkv, reduce=True)
+        assert red.dtype == torch.float32 and red.shape == ref.shape == (b, h, 1, d)
+        torch.testing.assert_close(red, ref, rtol=1e-5, atol=1e-5)
+    k16, v16 = keys.bfloat16(), values.bfloat16()
+    torch.testing.assert_close(decode_attention(q.bfloat16(), k16, v16, mask, None, d ** -0.5, hkv, reduce=True),
+                               decode_attention(q.bfloat16().float(), k16.float(), v16.float(), mask, None,
+                                                d ** -0.5, hkv), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "bloom"])
+def test_compiled_host_attention_same_tokens(kind, tmp_path, monkeypatch):
+    # compile=True on a CPU compiles attention over the host cache (the default when computing on a GPU): the
+    # tokens of the eager path, no fp32 upcast buffers, and the compiled form is what ran
+    import zinfer.layers.attention as attention
+
+    make_checkpoint(kind, tmp_path)
+    eager = zinfer.LLM(str(tmp_path), dtype="bfloat16", device="cpu", kv_offload=True, kv_attention="cpu")
+    expected = tokens(eager)
+    assert not eager.engine.kv.host_compiled
+    torch._dynamo.reset()
+    compiled_calls, compiled = [], attention._compiled_decode
+
+    def spy():
+        compiled_calls.append(1)
+        return compiled()
+
+    monkeypatch.setattr(attention, "_compiled_decode", spy)
+    llm = zinfer.LLM(str(tmp_path), dtype="bfloat16", device="cpu", kv_offload=True, kv_attention="cpu",
+                     compile=True)
+    assert tokens(llm) == expected
+    cache = llm.engine.state.cache
+    assert llm.engine.kv.host_compiled and cache.compiled and "k32" not in cache.staging
+    assert len(compiled_calls) == llm.model.num_layers * (PARAMS.max_new_tokens - 1)
+    m = llm.model
+    assert zinfer.kv.offloaded.host_attention_bytes(3, m.num_kv_heads, 64, m.head_dim, torch.bfloat16,
+                                                    compiled=True) == 0
 
 
 def test_host_check_counts_the_upcast_buffers(llama, monkeypatch):

@@ -55,6 +55,23 @@ def test_plan_cli_prints_table(capsys):
     assert "layers.79" in out and "PCIe floor per decode step" in out and "double buffer" in out
 
 
+def test_plan_cli_sizes_the_kv_cache_each_way(capsys):
+    # the ZeRO-Inference hard case: OPT-66B int4 streamed, a 24 GiB GPU, 100 GiB of host memory: the cache gets
+    # what the weights leave on each side, and the largest batch is said for both placements
+    argv = ["plan", "--model", "opt-66b", "--quant-bits", "4", "--offload", "cpu", "--gpu-memory", "3GiB",
+            "--gpu-free", "24GiB", "--cpu-free", "100GiB", "--prompt-len", "512", "--gen-len", "32"]
+    assert main(argv + ["--kv-offload", "--pin-kv-cache", "--batch-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache: offloaded to pinned CPU memory" in out and "batch 32 x 544 tokens" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("largest batch for 512+32 tokens: "))
+    on_gpu, offloaded = [int(w) for w in line.replace(",", " ").split() if w.isdigit()][-2:]
+    assert "(65.8 GiB host memory free" in line and offloaded > on_gpu > 0  # 100 GiB less 34.19 streamed
+    assert main(argv) == 0
+    assert "KV cache: on the compute device" in capsys.readouterr().out
+    assert main(argv + ["--pin-kv-cache"]) == 2
+    assert "needs kv_offload=True" in capsys.readouterr().err
+
+
 def test_plan_cli_impossible_budget(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--offload", "cpu", "--gpu-memory", "1GiB",
                  "--gpu-free", "80GiB"]) == 2

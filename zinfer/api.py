@@ -77,7 +77,8 @@ class LLM:
     `meta=False` builds the modules on the CPU before loading (slower, same result). `compile`: None (auto)
     compiles the decode step with torch.compile and replays it as a CUDA graph on a GPU, and runs it eagerly
     on a CPU; True also compiles on a CPU (about 40 s once per batch shape, ~25% faster decode there);
-    False runs every step eagerly (debugging; same tokens)."""
+    False runs every step eagerly (debugging; same tokens). With `kv_offload` and decode attention on the CPU,
+    that attention is compiled on the CPU under the same rule (auto: when computing on a GPU)."""
 
     def __init__(self, model=None, *, dtype="auto", device="auto", dummy: bool = False, seed: int | None = None,
                  meta: bool = True, compile: bool | None = None, deepspeed_config: dict | None = None,
@@ -123,7 +124,7 @@ class LLM:
             loaded = weights_identity(None if dummy else self.source.weight_files(), seed or 0)
             key = store_key(self.model, self.source.name, self.dtype, self.options, self.tp, loaded)
             self.streamer = stream(self.model, self.plan, self.options, self.device, key)
-        kv = kv_policy(self.options, self.device, self.plan)
+        kv = kv_policy(self.options, self.device, self.plan, compile=compile)
         self.engine = Generator(self.model, self.device, self.dtype, compile=False if streaming else compile, kv=kv,
                                 tp=self.tp)
         self.tokenizer = self.source.tokenizer()

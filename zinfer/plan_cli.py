@@ -6,7 +6,7 @@ import torch
 
 from zinfer.api import resolve_dtype
 from zinfer.config import EngineConfig, parse_bytes
-from zinfer.offload.plan import make_plan
+from zinfer.offload.plan import CPU, GPU, cached_bandwidths, free_host_bytes, kv_plan_text, make_plan
 from zinfer.quant import QuantSpec
 from zinfer.weights.loader import build_empty, quantize_shells
 from zinfer.weights.source import resolve
@@ -29,6 +29,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="free GPU memory to plan for (default: measured on this machine's GPU)")
     p.add_argument("--quant-bits", "--quant_bits", type=int, choices=(4, 8, 16), default=16)
     p.add_argument("--quant-group-size", "--quant_group_size", type=positive_int, default=64)
+    kv = p.add_argument_group("KV cache", "where the cache of a request lives, and the largest batch that fits "
+                                          "with it on the GPU and offloaded")
+    kv.add_argument("--kv-offload", "--kv_offload", action="store_true", help="plan the cache in CPU memory")
+    kv.add_argument("--pin-kv-cache", "--pin_kv_cache", action="store_true")
+    kv.add_argument("--async-kv-offload", "--async_kv_offload", action="store_true")
+    kv.add_argument("--kv-attention", "--kv_attention", choices=("auto", "gpu", "cpu"), default="auto")
+    kv.add_argument("--batch-size", "--batch_size", type=positive_int, default=None,
+                    help="also say which decode attention method this batch would get")
+    kv.add_argument("--prompt-len", "--prompt_len", type=positive_int, default=512)
+    kv.add_argument("--gen-len", "--gen_len", type=positive_int, default=32)
+    kv.add_argument("--cpu-free", default=None, help="free host memory to plan for (default: this machine's)")
     return p
 
 
@@ -41,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     options = EngineConfig(offload=args.offload if args.offload != "none" else "auto",
                            offload_dir=args.offload_dir or ("." if args.offload == "nvme" else None),
                            gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, quant_bits=args.quant_bits,
-                           quant_group_size=args.quant_group_size)
+                           quant_group_size=args.quant_group_size, kv_offload=args.kv_offload,
+                           pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
+                           kv_attention=args.kv_attention)
     free = parse_bytes(args.gpu_free)
     if free is None:
         if not torch.cuda.is_available():
@@ -60,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
     q = f", int{args.quant_bits} g{args.quant_group_size}" if args.quant_bits != 16 else ""
     print(f"{source.name}: {dtype}{q}, {free / 2**30:.1f} GiB GPU free, offload={options.offload}")
     print(plan.table(h2d))
+    # the cache gets what the weights leave: GPU memory after the resident units and the streaming buffer, host
+    # memory after the units streamed from pinned CPU memory
+    cpu_free = parse_bytes(args.cpu_free)
+    cpu_free = free_host_bytes() if cpu_free is None else cpu_free
+    gpu_left = max(0, free - plan.bytes_at(GPU) - plan.buffer_bytes)
+    host_left = max(0, cpu_free - plan.bytes_at(CPU))
+    rates = cached_bandwidths(device if torch.cuda.is_available() else torch.device("cpu"))  # nominal PCIe then
+    print(kv_plan_text(model, dtype, options, args.prompt_len, args.gen_len, gpu_left, host_left,
+                       batch=args.batch_size, bandwidths=rates,
+                       streamed_bytes=sum(u.nbytes for u in plan.streamed), host_compiled=True))
     return 0
 
 

@@ -215,10 +215,11 @@ def upcast_rows(batch: int, kv_heads: int, max_len: int, head_dim: int) -> int:
     return max(1, min(batch, HOST_CHUNK_BYTES // (2 * kv_heads * max_len * head_dim * 4)))
 
 
-def host_attention_bytes(batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
+def host_attention_bytes(batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                         compiled: bool = False) -> int:
     """Host memory attention on the CPU takes beside the cache: the reused fp32 buffers a half-precision cache
-    is upcast into (an fp32 cache is read in place)."""
-    if dtype == torch.float32:
+    is upcast into when attention runs eagerly (compiled, or over an fp32 cache, it is read in place)."""
+    if dtype == torch.float32 or compiled:
         return 0
     return 2 * upcast_rows(batch, kv_heads, max_len, head_dim) * kv_heads * max_len * head_dim * 4
 
@@ -229,12 +230,15 @@ def _rows(x: torch.Tensor | None, b0: int, b1: int, batch: int) -> torch.Tensor 
 
 
 class HostAttentionKVCache(OffloadedKVCache):
-    """Decode attention on the CPU: only the new token's q, k, v and the output cross PCIe."""
+    """Decode attention on the CPU: only the new token's q, k, v and the output cross PCIe. `compiled`: the
+    attention math runs compiled as multiply-and-sum over the cache as it lies (see `decode_attention`);
+    otherwise eagerly, through fp32 copies of a half-precision cache."""
 
     method = "cpu"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, compiled: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.compiled = compiled
         self.staging: dict[str, torch.Tensor] = {}  # small pinned buffers for q/k/v in and the output back
         self.step_inputs: tuple | None = None  # (mask, bias, n, host mask, host bias): shared by all layers
 
@@ -252,6 +256,8 @@ class HostAttentionKVCache(OffloadedKVCache):
         values[s].copy_(v)
         mask, bias = self.host_inputs(inp.mask, bias, s + 1)
         k_all, v_all = _keys_view(keys[:s + 1]), _keys_view(values[:s + 1])  # [B, H_kv, n, D] views
+        if self.compiled:
+            return self.to_device(fn(q, k_all, v_all, mask, bias, compiled_reduction=True).to(self.dtype))
         if k_all.dtype == torch.float32:
             return self.to_device(fn(q, k_all, v_all, mask, bias))
         # Half-precision matmuls are slow on most CPUs, so attention runs in fp32, a few sequences at a time through
@@ -319,8 +325,11 @@ class HostAttentionKVCache(OffloadedKVCache):
 CACHES = {"gpu": PrefetchKVCache, "cpu": HostAttentionKVCache}
 
 
-def offloaded_cache(method: str, *args, **kwargs) -> OffloadedKVCache:
-    """A host-memory KV cache whose decode attention runs on the compute device ("gpu") or the CPU ("cpu")."""
+def offloaded_cache(method: str, *args, host_compiled: bool = False, **kwargs) -> OffloadedKVCache:
+    """A host-memory KV cache whose decode attention runs on the compute device ("gpu") or the CPU ("cpu";
+    compiled when `host_compiled`)."""
     if method not in CACHES:
         raise ValueError(f"decode attention over an offloaded cache runs on 'gpu' or 'cpu'; got {method!r}")
+    if method == "cpu":
+        kwargs["compiled"] = host_compiled
     return CACHES[method](*args, **kwargs)

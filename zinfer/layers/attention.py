@@ -3,8 +3,11 @@
 Two paths: prefill (many queries) uses PyTorch's fused `scaled_dot_product_attention`
 (flash when the batch has no padding); decode (one query per row) is two batched matmuls
 over the grouped heads, which reads each cached key/value once and is CUDA-graph friendly.
+A cache attended on the CPU may ask for the same math written as multiply-and-sum and compiled
+(`compiled_reduction`): see `decode_attention`.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,17 +62,42 @@ class CachedAttention(nn.Module):
         b, h, s, d = out.shape
         return out.transpose(1, 2).reshape(b, s, h * d)
 
-    def _decode(self, q, keys, values, mask, bias):
-        # q: [B, H, 1, D] -> [B, H_kv, G, D] so each cached head is read once for its G query heads.
-        # keys, values: [B, H_kv, T, D] (any strides), mask: [B, 1, 1, T], bias: [B or 1, H, 1, T], all on one
-        # device: the compute device, or the host for a CPU-attended offloaded cache
-        b, h, _, d = q.shape
-        g = h // self.num_kv_heads
-        qg = q.view(b, self.num_kv_heads, g, d)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, H_kv, G, T]
-        if bias is not None:
-            scores = scores + bias.float().view(bias.shape[0], self.num_kv_heads, g, -1)
-        if mask is not None:  # None: a one-token unpadded prompt, which sees only itself
-            scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-        probs = scores.softmax(-1).to(values.dtype)
-        return torch.matmul(probs, values).view(b, h, 1, d)  # [B, H, 1, D]
+    def _decode(self, q, keys, values, mask, bias, compiled_reduction: bool = False):
+        if compiled_reduction:
+            return _compiled_decode()(q, keys, values, mask, bias, self.scale, self.num_kv_heads, reduce=True)
+        return decode_attention(q, keys, values, mask, bias, self.scale, self.num_kv_heads)
+
+
+def decode_attention(q, keys, values, mask, bias, scale: float, kv_heads: int, reduce: bool = False):
+    """One query per row over its cached keys and values.
+
+    q: [B, H, 1, D] -> [B, H_kv, G, D] so each cached head is read once for its G query heads. keys, values:
+    [B, H_kv, T, D] (any strides), mask: [B, 1, 1, T], bias: [B or 1, H, 1, T], all on one device: the compute
+    device, or the host for a CPU-attended offloaded cache.
+    reduce: the two products as multiply-and-sum in fp32 instead of matmuls (fp32 out). Eagerly that would
+    materialise [B, H_kv, G, T, D]; compiled for the CPU (`_compiled_decode`) it is one vectorised pass over the
+    keys and one over the values, reading a half-precision cache as it lies, where a batched matmul of one
+    query row is slow on the CPU and half-precision matmuls first need an fp32 copy of the cache.
+    """
+    b, h, _, d = q.shape
+    g = h // kv_heads
+    qg = q.view(b, kv_heads, g, d)
+    if reduce:
+        scores = (qg.float().unsqueeze(-2) * keys.float().unsqueeze(2)).sum(-1) * scale  # [B, H_kv, G, T]
+    else:
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        scores = scores + bias.float().view(bias.shape[0], kv_heads, g, -1)
+    if mask is not None:  # None: a one-token unpadded prompt, which sees only itself
+        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    probs = scores.softmax(-1)
+    if reduce:
+        return (probs.unsqueeze(-1) * values.float().unsqueeze(2)).sum(-2).view(b, h, 1, d)
+    return torch.matmul(probs.to(values.dtype), values).view(b, h, 1, d)  # [B, H, 1, D]
+
+
+@functools.cache
+def _compiled_decode():
+    # dynamic: the cached length grows every step and batches differ; one compile serves them (per dtype, and
+    # per mask / bias present or not)
+    return torch.compile(decode_attention, dynamic=True)

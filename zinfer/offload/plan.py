@@ -165,6 +165,9 @@ HOST_ROUND_TRIP = 30e-6  # s per layer for CPU attention: a device sync plus two
 # batch 16, 544 tokens, H200 host (183 GB/s copy): 21.7 ms a layer against 8.7 ms modelled (BENCHMARKS.md). The
 # gather of the token-major cache into [B, H, n, D] fp32 is the likely cost (not profiled).
 HOST_ATTENTION_EFFICIENCY = 0.4
+# The same for compiled attention, which reads the cache once as it lies: 0.42 of a plain read of the cache on the
+# 2-core CI machine (OPT-66B-sized rows, 544 tokens, fp16); the device figure is in BENCHMARKS.md.
+HOST_COMPILED_EFFICIENCY = 0.4
 HOST_RESERVE = 4 << 30  # host bytes left for everything but the cache when sizing batches
 GPU_FILL, HOST_FILL = 0.95, 0.9  # fractions of free memory a cache may take (the runtime checks the same)
 
@@ -242,29 +245,32 @@ class KVChoice:
 
 
 def kv_attention_costs(shape: KVShape, batch: int, length: int, bw: Bandwidths,
-                       streamed_bytes: int = 0) -> tuple[float, float]:
+                       streamed_bytes: int = 0, host_compiled: bool = False) -> tuple[float, float]:
     """(gpu, cpu) seconds of one decode step over an offloaded cache holding `length` tokens a row.
 
     gpu: every layer's keys and values cross PCIe, 2·B·n·H_kv·D elements, sharing the link with the weights
     streamed per step. cpu: q, k, v and the output (~B·(2·H + 2·H_kv)·D) cross PCIe; the CPU does 4·B·H·n·D
-    FLOPs (scores and weighted sum) and reads the cache from DRAM, upcasting half precision to fp32 (read 2,
-    write 4, read 4 bytes an element) at HOST_ATTENTION_EFFICIENCY of the host copy rate; the GPU waits on each
-    layer, the weight stream overlaps.
+    FLOPs (scores and weighted sum) and reads the cache from DRAM: compiled (`host_compiled`), once as it lies at
+    HOST_COMPILED_EFFICIENCY of the host copy rate; eagerly, upcasting half precision to fp32 (read 2, write 4,
+    read 4 bytes an element) at HOST_ATTENTION_EFFICIENCY. The GPU waits on each layer, the weight stream overlaps.
     """
     elements = 2 * batch * length * shape.kv_heads * shape.head_dim  # keys and values of one layer
     gpu_s = (streamed_bytes + shape.layers * elements * shape.itemsize) / bw.pcie
-    touched = shape.itemsize + (8 if shape.itemsize < 4 else 0)
+    if host_compiled:
+        touched, efficiency = shape.itemsize, HOST_COMPILED_EFFICIENCY
+    else:
+        touched, efficiency = shape.itemsize + (8 if shape.itemsize < 4 else 0), HOST_ATTENTION_EFFICIENCY
     flops = 4 * batch * shape.heads * length * shape.head_dim
-    per_layer = max(flops / bw.cpu_flops, elements * touched / (bw.host_memory * HOST_ATTENTION_EFFICIENCY))
+    per_layer = max(flops / bw.cpu_flops, elements * touched / (bw.host_memory * efficiency))
     per_layer += HOST_ROUND_TRIP
     cpu_s = max(streamed_bytes / bw.pcie, shape.layers * per_layer)
     return gpu_s, cpu_s
 
 
 def pick_kv_attention(shape: KVShape, batch: int, length: int, bw: Bandwidths, forced: str = "auto",
-                      streamed_bytes: int = 0) -> KVChoice:
+                      streamed_bytes: int = 0, host_compiled: bool = False) -> KVChoice:
     """The cheaper of the two (ties go to the GPU), unless `forced` names one."""
-    gpu_s, cpu_s = kv_attention_costs(shape, batch, length, bw, streamed_bytes)
+    gpu_s, cpu_s = kv_attention_costs(shape, batch, length, bw, streamed_bytes, host_compiled)
     kv_gib = 2 * shape.layers * batch * length * shape.kv_heads * shape.head_dim * shape.itemsize / 2**30
     costs = (f"{gpu_s * 1e3:.1f} ms/step on gpu (moves {kv_gib:.2f} GiB of KV over PCIe at {bw.pcie / 1e9:.0f} "
              f"GB/s) vs {cpu_s * 1e3:.1f} ms/step on cpu (at {bw.cpu_flops / 1e9:.0f} GFLOP/s, "
@@ -284,25 +290,33 @@ class KVPolicy:
     attention: str = "auto"  # auto | gpu | cpu
     bandwidths: Bandwidths = Bandwidths()
     streamed_bytes: int = 0  # weight bytes crossing PCIe per decode step (the gpu method shares the link)
+    host_compiled: bool = False  # attention on the CPU runs compiled (`decode_attention`), not eagerly
 
     def pick(self, shape: KVShape, batch: int, length: int) -> KVChoice:
-        return pick_kv_attention(shape, batch, length, self.bandwidths, self.attention, self.streamed_bytes)
+        return pick_kv_attention(shape, batch, length, self.bandwidths, self.attention, self.streamed_bytes,
+                                 self.host_compiled)
 
     def describe(self) -> str:
         if not self.offload:
             return "KV cache: on the compute device"
         pinned = "pinned " if self.pin else ""
         writes = "async device-to-host writes on a side stream" if self.async_writes else "synchronous writes"
-        return f"KV cache: offloaded to {pinned}CPU memory, {writes}; decode attention: {self.attention}"
+        on_cpu = "" if self.attention == "gpu" else \
+            f" (on the CPU: {'compiled' if self.host_compiled else 'eager'})"
+        return f"KV cache: offloaded to {pinned}CPU memory, {writes}; decode attention: {self.attention}{on_cpu}"
 
 
 def kv_policy(options: EngineConfig, device: torch.device, plan: Plan | None = None,
-              bandwidths: Bandwidths | None = None) -> KVPolicy:
+              bandwidths: Bandwidths | None = None, compile: bool | None = None) -> KVPolicy:
+    """`compile`: the engine's wish (None = auto). Attention on the CPU is compiled when the compute device is a
+    GPU (a model big enough to offload amortises the one-off compile) unless compile=False, and on a CPU
+    compute device only with compile=True."""
     if not options.kv_offload:
         return KVPolicy()
     streamed = sum(u.nbytes for u in plan.streamed) if plan is not None and device.type == "cuda" else 0
+    host_compiled = device.type == "cuda" if compile is None else compile
     return KVPolicy(True, options.pin_kv_cache, options.async_kv_offload, options.kv_attention,
-                    bandwidths or cached_bandwidths(device), streamed)
+                    bandwidths or cached_bandwidths(device), streamed, host_compiled)
 
 
 def _fit(free: int, per_seq: int, fill: float) -> int:
@@ -344,13 +358,13 @@ def free_host_bytes() -> int:
 
 def kv_plan_text(model: nn.Module, dtype: torch.dtype, options: EngineConfig, prompt_len: int, gen_len: int,
                  free_gpu_bytes: int, free_host_bytes: int, batch: int | None = None,
-                 bandwidths: Bandwidths | None = None, streamed_bytes: int = 0) -> str:
+                 bandwidths: Bandwidths | None = None, streamed_bytes: int = 0, host_compiled: bool = False) -> str:
     """What `zinfer plan` prints about the KV cache: placement, the attention method it would pick for
     `batch`, and the largest batch that fits each way."""
     seq = prompt_len + gen_len
     bw = bandwidths or Bandwidths()
     policy = KVPolicy(options.kv_offload, options.pin_kv_cache, options.async_kv_offload, options.kv_attention,
-                      bw, streamed_bytes)
+                      bw, streamed_bytes, host_compiled)
     lines = [policy.describe()]
     shape = kv_shape(model, dtype)
     on_gpu = max_batch(model, dtype, seq, free_gpu_bytes, free_host_bytes, False, prompt_len=prompt_len)

@@ -123,7 +123,8 @@ class Generator:
                              releasable=old.device_bytes if old else 0, layers=2)
         host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
         if choice.method == "cpu":
-            host += host_attention_bytes(batch_size, m.num_kv_heads, max_len, m.head_dim, self.dtype)
+            host += host_attention_bytes(batch_size, m.num_kv_heads, max_len, m.head_dim, self.dtype,
+                                         self.kv.host_compiled)
         check_host_fits(host, releasable=old.host_bytes if old else 0, tp=self.tp)
         log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
         return choice
@@ -131,7 +132,8 @@ class Generator:
     def _offloaded_cache(self, batch_size: int, max_len: int):
         m = self.model
         return offloaded_cache(self.kv_choice.method, m.num_layers, batch_size, m.num_kv_heads, m.head_dim, max_len,
-                               self.dtype, self.device, pin=self.kv.pin, async_writes=self.kv.async_writes)
+                               self.dtype, self.device, pin=self.kv.pin, async_writes=self.kv.async_writes,
+                               host_compiled=self.kv.host_compiled)
 
     def release(self) -> None:
         """Free the KV cache and captured graph (the hybrid engine calls this before training)."""
