@@ -196,3 +196,35 @@ def test_resident_units_load_on_the_device_streamed_ones_in_host_memory(kind, bi
     assert streamed and all(p.device.type == "cpu" for p in streamed)
     if bits < 16:
         assert any(p.dtype == torch.uint8 for p in streamed)  # quantized where they were read, kept packed
+
+
+@pytest.mark.parametrize("layers", [1, 3, 4])
+def test_no_prefetch_into_the_slot_of_the_running_unit(layers, tmp_path, monkeypatch):
+    # with an odd count of streamed units (or one) the unit after the last is the next step's first, in the same
+    # slot: its copy (or NVMe read into that staging buffer) must wait until the last unit has run, not start as
+    # it starts. Watched from hooks around each layer's compute; tokens as in memory.
+    import transformers
+
+    from helpers import LLAMA
+    from zinfer.offload.streamer import WeightStreamer
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(LLAMA, num_hidden_layers=layers),
+                                                           initializer_range=0.2)).save_pretrained(tmp_path / "m")
+    expected = [c.token_ids for c in zinfer.LLM(str(tmp_path / "m"), device="cpu").generate(PROMPTS, PARAMS)]
+    llm = zinfer.LLM(str(tmp_path / "m"), device="cpu", offload="nvme", offload_dir=str(tmp_path / "store"))
+    streamer, running, clashes = llm.streamer, [], []
+    assert len(streamer.streamed) == layers
+    prefetch = WeightStreamer._prefetch
+
+    def watched(self, j):
+        if running and j % 2 == self.index[running[0]] % 2:
+            clashes.append((running[0], j))
+        prefetch(self, j)
+
+    monkeypatch.setattr(WeightStreamer, "_prefetch", watched)
+    for i, layer in enumerate(decoder_layers(llm.model)):  # prepended: around the streamer's own hooks' work
+        layer.register_forward_pre_hook(lambda m, a, name=f"layers.{i}": running.append(name), prepend=True)
+        layer.register_forward_hook(lambda m, a, out: running.clear(), prepend=True)
+    assert [c.token_ids for c in llm.generate(PROMPTS, PARAMS)] == expected
+    assert not clashes

@@ -3,8 +3,9 @@
 `torch.empty(..., pin_memory=True)` goes through CUDA's caching host allocator, which rounds every
 block up to a power of two: a 40 GiB cache would take 64 GiB, and a streamed layer of 0.53 GiB takes 1 GiB.
 A large block is therefore allocated pageable and then registered with `cudaHostRegister` (exact size, same
-DMA speed) in page-aligned pieces, one per layer or per GiB (pinning 100 GiB in one call can stall for
-minutes), and unregistered before it is freed. Allocations that large come from their own mmap, so no other
+DMA speed), a cache in page-aligned pieces, one per layer (pinning 100 GiB in one call can stall for minutes),
+a single block in one piece (a copy may not span two registrations: CUDA answers "invalid argument"), and
+unregistered before it is freed. Allocations that large come from their own mmap, so no other
 allocation shares their pages. Small ones just use the pinned allocator.
 """
 
@@ -18,7 +19,6 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 REGISTER_MIN = 64 << 20  # bytes: above glibc's largest mmap threshold (32 MiB), so the pages are ours alone
-PIECE = 1 << 30  # bytes page-locked per cudaHostRegister call for a single block
 
 
 def _unregister(ptrs: list[int], memory: torch.Tensor | None = None) -> None:
@@ -64,12 +64,11 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     (a view that outlives it stays valid, but pageable)."""
     if nbytes < REGISTER_MIN:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    count = -(-nbytes // PIECE)
-    stride = -(-nbytes // count // PAGE) * PAGE
-    raw = torch.empty(count * stride + PAGE, dtype=torch.uint8)
+    stride = -(-nbytes // PAGE) * PAGE
+    raw = torch.empty(stride + PAGE, dtype=torch.uint8)
     base = -raw.data_ptr() % PAGE
     out = raw[base: base + nbytes]
-    if not _lock(raw, stride, count, out):
+    if not _lock(raw, stride, 1, out):  # one registration: a copy of the whole block may not span two
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return out
 

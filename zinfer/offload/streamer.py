@@ -8,6 +8,9 @@ slot runs on a side CUDA stream, ordered by events:
     prefetch(j):  copy stream waits "slot free"(j % 2)  ->  copy unit j  ->  record "ready"(j)
     layer j:      compute stream waits "ready"(j)  ->  compute  ->  record "slot free"(j % 2)
 
+prefetch(j + 1) is issued as layer j starts, except when unit j + 1 shares j's slot (the wrap from the last
+unit to the next step's first, with an odd count): then as layer j ends, once its "slot free" is recorded.
+
 With `sync=True` (debugging) each layer is copied just before it runs, on the compute stream.
 On a CPU device the "copy" is the NVMe read itself: the layer computes from its staging buffer.
 """
@@ -228,9 +231,14 @@ class WeightStreamer:
                 self.layouts[name].point(self.slots[j % 2])
             else:
                 self.layouts[name].point(ready)
-            if not self.sync:  # the next streamed unit (wrapping to the next step's first) starts now
-                self._prefetch((j + 1) % len(self.streamed))
+            if not self.sync and not self._shares_slot(j):
+                self._prefetch((j + 1) % len(self.streamed))  # the next unit (wrapping to the next step's first)
         return hook
+
+    def _shares_slot(self, j: int) -> bool:
+        """Whether the unit after j goes into j's own slot: the wrap from the last unit to the first when the
+        count is odd (or 1). Its copy then starts after unit j has run, not while it runs."""
+        return (j + 1) % len(self.streamed) % 2 == j % 2
 
     def _post_hook(self, name: str):
         j = self.index[name]
@@ -241,6 +249,8 @@ class WeightStreamer:
                 event.record(torch.cuda.current_stream(self.device))
                 self.slot_free[j % 2] = event
             self.layouts[name].detach(self.device)
+            if not self.sync and self._shares_slot(j):
+                self._prefetch((j + 1) % len(self.streamed))
         return hook
 
     def start(self) -> None:
