@@ -165,9 +165,9 @@ HOST_ROUND_TRIP = 30e-6  # s per layer for CPU attention: a device sync plus two
 # batch 16, 544 tokens, H200 host (183 GB/s copy): 21.7 ms a layer against 8.7 ms modelled (BENCHMARKS.md). The
 # gather of the token-major cache into [B, H, n, D] fp32 is the likely cost (not profiled).
 HOST_ATTENTION_EFFICIENCY = 0.4
-# The same for compiled attention, which reads the cache once as it lies: 0.42 of a plain read of the cache on the
-# 2-core CI machine (OPT-66B-sized rows, 544 tokens, fp16); the device figure is in BENCHMARKS.md.
-HOST_COMPILED_EFFICIENCY = 0.4
+# The same for compiled attention, which reads the cache once as it lies: OPT-66B int4, batch 62, H200 host (151 GB/s
+# copy): 41 ms a layer, ~31 GB/s of cache bytes, 0.2 (BENCHMARKS.md, 2026-12-03).
+HOST_COMPILED_EFFICIENCY = 0.2
 HOST_RESERVE = 4 << 30  # host bytes left for everything but the cache when sizing batches
 GPU_FILL, HOST_FILL = 0.95, 0.9  # fractions of free memory a cache may take (the runtime checks the same)
 
