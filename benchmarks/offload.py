@@ -138,6 +138,7 @@ def main():
         r["floor_step_ms"] = r["streamed_gib"] * 2**30 / bw * 1e3
         r["step_over_floor"] = r["decode_step_ms"] / r["floor_step_ms"] if r["floor_step_ms"] else None
         r["resident_layers"] = sum(1 for u in llm.plan.units[1:] if u.place == "gpu")
+        print(name, "zinfer", json.dumps(r), flush=True)  # before the peer, which may outlast the call
         if name == "all-cpu" and not args.no_peer:
             config = llm.config
             llm.streamer.close()

@@ -24,6 +24,7 @@ from zinfer.offload.plan import (
     kv_shape,
     max_batch,
     pick_kv_attention,
+    split_cost,
 )
 from zinfer.runtime import decode
 from zinfer.runtime.decode import DecodeState
@@ -32,9 +33,9 @@ from zinfer.weights.loader import build_empty
 from zinfer.weights.source import resolve
 
 PARAMS = zinfer.SamplingParams(max_new_tokens=6, ignore_eos=True)
-METHODS = ("gpu", "cpu")
+METHODS = ("gpu", "cpu", "split")
 # parameter ids must not be "gpu": conftest skips every test with a "gpu" keyword on a machine without CUDA
-ON = dict(ids=["attend-on-device", "attend-on-host"])
+ON = dict(ids=["attend-on-device", "attend-on-host", "attend-split"])
 GiB = 2**30
 
 
@@ -64,7 +65,7 @@ def test_every_family_same_tokens_offloaded(ckpt):
         llm = zinfer.LLM(str(ckpt), device="cpu", kv_offload=True, kv_attention=method)
         assert tokens(llm) == expected, method
         cache = llm.engine.state.cache
-        assert isinstance(cache, OffloadedKVCache) and cache.method == method and cache.host_bytes > 0
+        assert cache.offloaded and cache.method == method and cache.host_bytes > 0
         assert llm.engine.kv_choice.method == method
 
 
@@ -151,8 +152,11 @@ def test_cache_interface_errors():
     one = torch.zeros(1, 1, 1, 4)
     with pytest.raises(RuntimeError, match=r"needs begin_step\(slot\) first"):
         cache.attend_decode(0, one, one, one, None, None, None)
-    with pytest.raises(ValueError, match="decode attention over an offloaded cache runs on 'gpu' or 'cpu'; got 'tpu'"):
+    with pytest.raises(ValueError, match="runs on 'gpu', 'cpu' or 'split'; got 'tpu'"):
         offloaded_cache("tpu", 1, 1, 1, 4, 16, torch.float32, "cpu")
+    for rows in (0, 2):
+        with pytest.raises(ValueError, match=f"a split KV cache needs 0 < gpu_rows < batch size \\(2\\); got {rows}"):
+            offloaded_cache("split", 1, 2, 1, 4, 16, torch.float32, "cpu", gpu_rows=rows)
 
 
 # --- the planner: method choice and batch sizing --------------------------------------------------------
@@ -175,16 +179,40 @@ def test_costs_follow_the_formulas():
 
 def test_pick_by_bandwidth_batch_and_override():
     bw = Bandwidths(pcie=25e9, host_memory=600e9, cpu_flops=2e12, source="fake")
-    assert pick_kv_attention(SHAPE, 64, 540, bw).method == "cpu"
-    # tiny batch: the CPU's per-layer round trip outweighs the few bytes the GPU would fetch
+    # a large batch: PCIe and host memory both work when the batch is split between the methods
+    auto = pick_kv_attention(SHAPE, 64, 540, bw, streamed_bytes=10 * GiB)
+    assert auto.method == "split" and auto.split_s < min(auto.gpu_s, auto.cpu_s)
+    assert str(auto).startswith("decode attention on split: auto: ") and "fake rates" in auto.reason
+    assert f"split ({auto.gpu_rows} of 64 sequences on gpu)" in auto.reason
+    # tiny batch: the CPU's per-layer round trip outweighs the few bytes the GPU would fetch; one row cannot split
     assert pick_kv_attention(SHAPE, 1, 16, bw).method == "gpu"
-    # fast PCIe, slow host memory: the GPU even at a large batch
-    assert pick_kv_attention(SHAPE, 64, 540, Bandwidths(pcie=100e9, host_memory=20e9, cpu_flops=1e11)).method == "gpu"
+    # one side far slower than the other: the whole batch goes to the fast one
+    assert pick_kv_attention(SHAPE, 64, 540, Bandwidths(pcie=100e9, host_memory=1e8, cpu_flops=1e11)).method == "gpu"
+    assert pick_kv_attention(SHAPE, 64, 540, Bandwidths(pcie=1e6, host_memory=600e9, cpu_flops=2e12)).method == "cpu"
     forced = pick_kv_attention(SHAPE, 64, 540, bw, forced="gpu")
-    assert forced.method == "gpu" and forced.reason.startswith("kv_attention='gpu' asked for")
-    auto = pick_kv_attention(SHAPE, 64, 540, bw)
-    assert str(auto).startswith("decode attention on cpu: auto: ") and "fake rates" in auto.reason
+    assert forced.method == "gpu" and forced.reason.startswith("kv_attention='gpu' asked for") and forced.gpu_rows == 0
+    split = pick_kv_attention(SHAPE, 8, 540, Bandwidths(pcie=1e6, host_memory=600e9), forced="split")
+    assert (split.method, split.gpu_rows) == ("split", 1)  # at least one row each way, however lopsided
+    one = pick_kv_attention(SHAPE, 1, 16, bw, forced="split")
+    assert one.method == "gpu" and "a batch of one cannot be split: gpu" in one.reason
     assert KVPolicy(True, attention="cpu", bandwidths=bw).pick(SHAPE, 1, 16).method == "cpu"
+
+
+def test_split_balances_the_two_shares():
+    """The split puts rows on the GPU until its PCIe share (weights + those rows' KV) meets the CPU's share."""
+    bw = Bandwidths(pcie=50e9, host_memory=150e9, cpu_flops=1e12, host_read=75e9)
+    streamed, batch, length = 34 * GiB, 63, 528
+    rows, step = split_cost(SHAPE, batch, length, bw, streamed, host_compiled=True)
+    row_bytes = 64 * 2 * length * 72 * 128 * 2  # one sequence's keys and values over all layers
+    gpu_share = (streamed + rows * row_bytes) / 50e9
+    cpu_share = 64 * ((batch - rows) * row_bytes / 64 / (75e9 * 0.4) + 30e-6)
+    assert step == pytest.approx(max(gpu_share, cpu_share))
+    # one row more on either side makes the longer share longer
+    assert (streamed + (rows + 1) * row_bytes) / 50e9 > step - 1e-9
+    assert 64 * ((batch - rows + 1) * row_bytes / 64 / (75e9 * 0.4) + 30e-6) > step - 1e-9
+    gpu_s, cpu_s = kv_attention_costs(SHAPE, batch, length, bw, streamed, host_compiled=True)
+    assert step < 0.7 * min(gpu_s, cpu_s)
+    assert split_cost(SHAPE, 1, length, bw, streamed) == (0, float("inf"))
 
 
 def test_max_batch_each_placement():
@@ -231,7 +259,7 @@ def test_plan_text():
                                   "kv_offload=True"),
     (dict(kv_attention="cpu"), "kv_attention='cpu' chooses where attention over an offloaded KV cache runs: "
                                "it needs kv_offload=True"),
-    (dict(kv_offload=True, kv_attention="tpu"), "kv_attention must be auto, gpu or cpu; got 'tpu'"),
+    (dict(kv_offload=True, kv_attention="tpu"), "kv_attention must be auto, gpu, cpu or split; got 'tpu'"),
 ])
 def test_option_errors(options, message):
     with pytest.raises(InputError) as err:
@@ -252,7 +280,8 @@ def test_host_memory_refused_with_numbers(llama, monkeypatch):
 
 GPU_CASES = [dict(kv_attention="gpu"), dict(kv_attention="cpu"),
              dict(kv_attention="gpu", pin_kv_cache=True, async_kv_offload=True),
-             dict(kv_attention="cpu", pin_kv_cache=True, async_kv_offload=True)]
+             dict(kv_attention="cpu", pin_kv_cache=True, async_kv_offload=True), dict(kv_attention="split"),
+             dict(kv_attention="split", pin_kv_cache=True, async_kv_offload=True)]
 
 
 @pytest.fixture(scope="module", params=["llama-gqa-tied", "opt", "bloom"])
@@ -273,8 +302,14 @@ def test_gpu_offloaded_equals_resident(gpu_ckpt, case):
                                                       [[7, 8, 9]], params)
     state = llm.engine.state
     assert state.graph is None and not state.use_graph
-    assert state.cache.keys[0].device.type == "cpu"
-    assert state.cache.keys[0].is_pinned() == bool(case.get("pin_kv_cache"))
+    cache = state.cache
+    parts = (cache.on_device, cache.on_host) if cache.method == "split" else (cache,)
+    for part in parts:
+        assert part.keys[0].device.type == "cpu"
+        assert part.keys[0].is_pinned() == bool(case.get("pin_kv_cache"))
+    tokens(llm, params=params)  # the three prompts again: a bucket of 3 sequences, split 1:2 or 2:1
+    if case["kv_attention"] == "split":
+        assert llm.engine.kv_choice.method == "split" and 0 < llm.engine.state.cache.gpu_rows < len(PROMPTS)
 
 
 @pytest.mark.gpu

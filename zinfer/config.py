@@ -35,7 +35,7 @@ class EngineConfig:
     kv_offload: bool = False
     pin_kv_cache: bool = False
     async_kv_offload: bool = False
-    kv_attention: str = "auto"  # auto | gpu | cpu: where decode attention over an offloaded cache runs
+    kv_attention: str = "auto"  # auto | gpu | cpu | split: where decode attention over an offloaded cache runs
     tp: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -46,8 +46,8 @@ class EngineConfig:
             (self.offload != "nvme" or self.offload_dir, "offload='nvme' needs offload_dir"),
             (self.quant_bits in (4, 8, 16), f"quant_bits must be 4, 8 or 16; got {self.quant_bits}"),
             (self.quant_group_size > 0, f"quant_group_size must be > 0; got {self.quant_group_size}"),
-            (self.kv_attention in ("auto", "gpu", "cpu"),
-             f"kv_attention must be auto, gpu or cpu; got {self.kv_attention!r}"),
+            (self.kv_attention in ("auto", "gpu", "cpu", "split"),
+             f"kv_attention must be auto, gpu, cpu or split; got {self.kv_attention!r}"),
             (self.tp >= 1, f"tp must be >= 1; got {self.tp}"),
             (self.kv_offload or not self.pin_kv_cache,
              "pin_kv_cache=True pins the offloaded KV cache: it needs kv_offload=True"),

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     kv.add_argument("--kv-offload", "--kv_offload", action="store_true", help="plan the cache in CPU memory")
     kv.add_argument("--pin-kv-cache", "--pin_kv_cache", action="store_true")
     kv.add_argument("--async-kv-offload", "--async_kv_offload", action="store_true")
-    kv.add_argument("--kv-attention", "--kv_attention", choices=("auto", "gpu", "cpu"), default="auto")
+    kv.add_argument("--kv-attention", "--kv_attention", choices=("auto", "gpu", "cpu", "split"),
+                    default="auto")
     kv.add_argument("--batch-size", "--batch_size", type=positive_int, default=None,
                     help="also say which decode attention method this batch would get")
     kv.add_argument("--prompt-len", "--prompt_len", type=positive_int, default=512)

@@ -1,4 +1,4 @@
-"""A KV cache in host memory (ZeRO-Inference / FlexGen style), with two ways to run decode attention.
+"""A KV cache in host memory (ZeRO-Inference / FlexGen style), with two ways to run decode attention, and both.
 
 Host layout is token-major, keys[layer]: [T_max, B, H_kv, D], so one decode slot and any prefix
 [0, n) are contiguous: each write and each prefetch is a single DMA copy.
@@ -10,6 +10,7 @@ to the host. Decode attention over the host cache runs either
   back to the host row. PCIe carries 2·B·n·H_kv·D elements per layer and step.
 - "cpu" (`HostAttentionKVCache`): q, k, v of the new token go to the host, attention runs there
   against the host cache, the output [B, H, 1, D] comes back. PCIe carries ~B·(H + 2·H_kv)·D.
+- "split" (`SplitKVCache`): the first rows of the batch the "gpu" way, the others the "cpu" way, at once.
 
 Every copy is ordered by CUDA events (nothing is ordered by luck):
 
@@ -25,7 +26,7 @@ store into layer i queued before it. Without `async_writes` stores run on the co
 block. On a CPU "device" the same functions run with plain copies and no events.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -248,13 +249,23 @@ class HostAttentionKVCache(OffloadedKVCache):
         return super().host_bytes + sum(self.staging[n].nbytes for n in ("k32", "v32") if n in self.staging)
 
     def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
+        return self.attend_staged(layer, self.stage_inputs(q, k, v, inp, bias), fn)
+
+    def stage_inputs(self, q, k, v, inp, bias) -> tuple:
+        """The new token's q, k, v and the step's mask and bias on the host: waits for the device to have made
+        q, k, v (and nothing queued after them)."""
         s = self.decode_slot(k)
         q, k, v = self.to_host(q, k, v)  # [B, H, 1, D], [B, H_kv, D], [B, H_kv, D]
+        return (s, q, k, v, *self.host_inputs(inp.mask, bias, s + 1))
+
+    def attend_staged(self, layer: int, staged: tuple, fn):
+        """Attention over the host cache of `layer` for what `stage_inputs` brought; the output goes back to the
+        device."""
+        s, q, k, v, mask, bias = staged
         self.wait_written(layer)
         keys, values = self.keys[layer], self.values[layer]
         keys[s].copy_(k)
         values[s].copy_(v)
-        mask, bias = self.host_inputs(inp.mask, bias, s + 1)
         k_all, v_all = _keys_view(keys[:s + 1]), _keys_view(values[:s + 1])  # [B, H_kv, n, D] views
         if self.compiled:
             return self.to_device(fn(q, k_all, v_all, mask, bias, compiled_reduction=True).to(self.dtype))
@@ -322,14 +333,85 @@ class HostAttentionKVCache(OffloadedKVCache):
         return cached[3], cached[4]
 
 
-CACHES = {"gpu": PrefetchKVCache, "cpu": HostAttentionKVCache}
+class SplitKVCache:
+    """Decode attention for sequences [0, gpu_rows) on the device after a prefetch (`PrefetchKVCache`) and for the
+    rest on the CPU (`HostAttentionKVCache`), both at once. Each method leaves idle what the other is bound by:
+    the prefetch loads PCIe (beside the streamed weights), attention on the CPU loads host memory and cores. Per
+    layer: the CPU's share of q, k, v goes to the host first (the sync waits only for this layer's projections),
+    then the device's share is queued (wait for its prefetch, attend), then the CPU attends its share while the
+    device works through the queue; the two outputs are joined on the device."""
+
+    offloaded = True
+    method = "split"
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str, gpu_rows: int, pin: bool = False,
+                 async_writes: bool = False, compiled: bool = False):
+        if not 0 < gpu_rows < batch_size:
+            raise ValueError(f"a split KV cache needs 0 < gpu_rows < batch size ({batch_size}); got {gpu_rows}")
+        common = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, max_len=max_len,
+                      dtype=dtype, device=device, pin=pin, async_writes=async_writes)
+        self.on_device = PrefetchKVCache(batch_size=gpu_rows, **common)
+        self.on_host = HostAttentionKVCache(batch_size=batch_size - gpu_rows, compiled=compiled, **common)
+        self.parts = ((self.on_device, slice(0, gpu_rows)), (self.on_host, slice(gpu_rows, batch_size)))
+        self.batch_size, self.max_len, self.gpu_rows, self.dtype = batch_size, max_len, gpu_rows, dtype
+        self.step_rows: tuple | None = None  # (mask, bias) -> each share's rows of them, once per step
+
+    @property
+    def host_bytes(self) -> int:
+        return self.on_device.host_bytes + self.on_host.host_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return self.on_device.device_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.host_bytes
+
+    def begin_step(self, slot: int) -> None:
+        for part, _ in self.parts:
+            part.begin_step(slot)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
+        """Prefill: each share stores its rows; attention uses the whole k, v where they are."""
+        for part, rows in self.parts:
+            part.write(layer, k[rows], v[rows], slots, kv_len)
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def attend(self, layer: int, q, k, v, inp, bias, fn):
+        if inp.kv_len == k.shape[2]:  # a one-token prompt: a prefill
+            keys, values = self.write(layer, k, v, inp.slots, inp.kv_len)
+            return fn(q, keys, values, inp.mask, bias)
+        (dev_mask, host_mask), (dev_bias, host_bias) = self.rows_of(inp.mask, bias)
+        host, rows = self.on_host, self.parts[1][1]
+        staged = host.stage_inputs(q[rows], k[rows], v[rows], replace(inp, mask=host_mask), host_bias)
+        rows = self.parts[0][1]
+        out = self.on_device.attend_decode(layer, q[rows], k[rows], v[rows], replace(inp, mask=dev_mask), dev_bias,
+                                           fn)
+        return torch.cat([out, host.attend_staged(layer, staged, fn)])
+
+    def rows_of(self, mask, bias) -> tuple:
+        """((device rows, host rows) of the mask, (...) of the bias), cut once per step: the host share's cached
+        host copy of them is keyed by the tensors' identity."""
+        cached = self.step_rows
+        if cached is None or cached[0] is not mask or cached[1] is not bias:
+            b = self.batch_size
+            cut = tuple(tuple(_rows(x, r.start, r.stop, b) for _, r in self.parts) for x in (mask, bias))
+            self.step_rows = cached = (mask, bias, cut)
+        return cached[2]
 
 
-def offloaded_cache(method: str, *args, host_compiled: bool = False, **kwargs) -> OffloadedKVCache:
-    """A host-memory KV cache whose decode attention runs on the compute device ("gpu") or the CPU ("cpu";
-    compiled when `host_compiled`)."""
+CACHES = {"gpu": PrefetchKVCache, "cpu": HostAttentionKVCache, "split": SplitKVCache}
+
+
+def offloaded_cache(method: str, *args, host_compiled: bool = False, gpu_rows: int = 0, **kwargs):
+    """A host-memory KV cache whose decode attention runs on the compute device ("gpu"), the CPU ("cpu"; compiled
+    when `host_compiled`) or both ("split": the first `gpu_rows` sequences on the device)."""
     if method not in CACHES:
-        raise ValueError(f"decode attention over an offloaded cache runs on 'gpu' or 'cpu'; got {method!r}")
-    if method == "cpu":
+        raise ValueError(f"decode attention over an offloaded cache runs on 'gpu', 'cpu' or 'split'; got {method!r}")
+    if method != "gpu":
         kwargs["compiled"] = host_compiled
+    if method == "split":
+        kwargs["gpu_rows"] = gpu_rows
     return CACHES[method](*args, **kwargs)

@@ -6,9 +6,11 @@ fails here with the numbers.
 """
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -165,9 +167,12 @@ HOST_ROUND_TRIP = 30e-6  # s per layer for CPU attention: a device sync plus two
 # batch 16, 544 tokens, H200 host (183 GB/s copy): 21.7 ms a layer against 8.7 ms modelled (BENCHMARKS.md). The
 # gather of the token-major cache into [B, H, n, D] fp32 is the likely cost (not profiled).
 HOST_ATTENTION_EFFICIENCY = 0.4
-# The same for compiled attention, which reads the cache once as it lies: OPT-66B int4, batch 62, H200 host (151 GB/s
-# copy): 41 ms a layer, ~31 GB/s of cache bytes, 0.2 (BENCHMARKS.md, 2026-12-03).
-HOST_COMPILED_EFFICIENCY = 0.2
+# Compiled attention reads the cache once as it lies, at a fraction of the DRAM read rate of all cores (a
+# half-precision sum, `host_read`): alone on an H100 host, 43 of 78 GB/s (0.55); during generation the weight and KV
+# DMA reads share the same DRAM (OPT-66B int4 streamed at 55 GB/s on an H200 host: ~31 GB/s of cache, 41 ms a
+# layer at batch 62; BENCHMARKS.md).
+HOST_COMPILED_EFFICIENCY = 0.4
+NOMINAL_HOST_READ = 60e9  # bytes/s all cores of a GPU server read from DRAM
 HOST_RESERVE = 4 << 30  # host bytes left for everything but the cache when sizing batches
 GPU_FILL, HOST_FILL = 0.95, 0.9  # fractions of free memory a cache may take (the runtime checks the same)
 
@@ -180,6 +185,7 @@ class Bandwidths:
     host_memory: float = NOMINAL_HOST_MEMORY  # host DRAM bytes/s (read + write counted, as ceilings measure)
     cpu_flops: float = NOMINAL_CPU_FLOPS
     source: str = "nominal"
+    host_read: float = NOMINAL_HOST_READ  # host DRAM bytes/s read by all cores (compiled CPU attention's bound)
 
 
 def cached_bandwidths(device: torch.device) -> Bandwidths:
@@ -190,7 +196,7 @@ def cached_bandwidths(device: torch.device) -> Bandwidths:
     cpu = _load(cache_path("cpu")) or {}
     gpu = (_load(cache_path(device)) or {}) if device.type == "cuda" else {}
     found = {"pcie": gpu.get("h2d_pinned_bytes_per_s"), "host_memory": cpu.get("device_copy_bytes_per_s"),
-             "cpu_flops": cpu.get("matmul_flops_per_s")}
+             "cpu_flops": cpu.get("matmul_flops_per_s"), "host_read": cpu.get("host_read_bytes_per_s")}
     known = {k: v for k, v in found.items() if v}
     source = "measured" if len(known) == len(found) else "partly measured" if known else "nominal"
     return Bandwidths(**known, source=source)
@@ -233,15 +239,39 @@ def kv_shape(model: nn.Module, dtype: torch.dtype) -> KVShape:
 
 @dataclass(frozen=True)
 class KVChoice:
-    """Where decode attention over an offloaded cache runs, the two estimated step times, and why."""
+    """Where decode attention over an offloaded cache runs, the estimated step times, and why."""
 
-    method: str  # gpu | cpu
+    method: str  # gpu | cpu | split
     gpu_s: float  # estimated decode step with the cache prefetched to the GPU
     cpu_s: float  # ... with attention on the CPU
     reason: str
+    split_s: float = math.inf  # ... with the first `gpu_rows` sequences on the GPU and the rest on the CPU
+    gpu_rows: int = 0  # "split": sequences [0, gpu_rows) attend on the GPU (0 for the other methods)
 
     def __str__(self) -> str:
         return f"decode attention on {self.method}: {self.reason}"
+
+
+def _gpu_attention_s(shape: KVShape, rows: int, length: int, bw: Bandwidths, streamed_bytes: int) -> float:
+    """Every layer's keys and values of `rows` sequences cross PCIe, sharing the link with the streamed weights."""
+    return (streamed_bytes + shape.layers * 2 * rows * length * shape.kv_heads * shape.head_dim * shape.itemsize
+            ) / bw.pcie
+
+
+def _cpu_attention_s(shape: KVShape, rows: int, length: int, bw: Bandwidths, host_compiled: bool) -> float:
+    """The CPU's share of a step: 4·rows·H·n·D FLOPs a layer, and the layer's cache read from DRAM: compiled,
+    once as it lies at HOST_COMPILED_EFFICIENCY of the host read rate; eagerly, upcasting half precision to fp32
+    (read 2, write 4, read 4 bytes an element) at HOST_ATTENTION_EFFICIENCY of the host copy rate; plus a round
+    trip a layer."""
+    elements = 2 * rows * length * shape.kv_heads * shape.head_dim
+    if host_compiled:
+        memory_s = elements * shape.itemsize / (bw.host_read * HOST_COMPILED_EFFICIENCY)
+    else:
+        touched = shape.itemsize + (8 if shape.itemsize < 4 else 0)
+        memory_s = elements * touched / (bw.host_memory * HOST_ATTENTION_EFFICIENCY)
+    flops = 4 * rows * shape.heads * length * shape.head_dim
+    per_layer = max(flops / bw.cpu_flops, memory_s)
+    return shape.layers * (per_layer + HOST_ROUND_TRIP)
 
 
 def kv_attention_costs(shape: KVShape, batch: int, length: int, bw: Bandwidths,
@@ -249,35 +279,52 @@ def kv_attention_costs(shape: KVShape, batch: int, length: int, bw: Bandwidths,
     """(gpu, cpu) seconds of one decode step over an offloaded cache holding `length` tokens a row.
 
     gpu: every layer's keys and values cross PCIe, 2·B·n·H_kv·D elements, sharing the link with the weights
-    streamed per step. cpu: q, k, v and the output (~B·(2·H + 2·H_kv)·D) cross PCIe; the CPU does 4·B·H·n·D
-    FLOPs (scores and weighted sum) and reads the cache from DRAM: compiled (`host_compiled`), once as it lies at
-    HOST_COMPILED_EFFICIENCY of the host copy rate; eagerly, upcasting half precision to fp32 (read 2, write 4,
-    read 4 bytes an element) at HOST_ATTENTION_EFFICIENCY. The GPU waits on each layer, the weight stream overlaps.
+    streamed per step. cpu: q, k, v and the output (~B·(2·H + 2·H_kv)·D) cross PCIe and the CPU reads the cache
+    (`_cpu_attention_s`). The GPU waits on each layer, the weight stream overlaps.
     """
-    elements = 2 * batch * length * shape.kv_heads * shape.head_dim  # keys and values of one layer
-    gpu_s = (streamed_bytes + shape.layers * elements * shape.itemsize) / bw.pcie
-    if host_compiled:
-        touched, efficiency = shape.itemsize, HOST_COMPILED_EFFICIENCY
-    else:
-        touched, efficiency = shape.itemsize + (8 if shape.itemsize < 4 else 0), HOST_ATTENTION_EFFICIENCY
-    flops = 4 * batch * shape.heads * length * shape.head_dim
-    per_layer = max(flops / bw.cpu_flops, elements * touched / (bw.host_memory * efficiency))
-    per_layer += HOST_ROUND_TRIP
-    cpu_s = max(streamed_bytes / bw.pcie, shape.layers * per_layer)
+    gpu_s = _gpu_attention_s(shape, batch, length, bw, streamed_bytes)
+    cpu_s = max(streamed_bytes / bw.pcie, _cpu_attention_s(shape, batch, length, bw, host_compiled))
     return gpu_s, cpu_s
+
+
+def split_cost(shape: KVShape, batch: int, length: int, bw: Bandwidths, streamed_bytes: int = 0,
+               host_compiled: bool = False) -> tuple[int, float]:
+    """(rows on the GPU, seconds) of the best split of a batch between the two methods, which run at once: the
+    GPU's rows load PCIe (with the weights), the CPU's rows load host memory, so the step takes the longer of the
+    two. (0, inf) for a batch of one."""
+    best = (0, math.inf)
+    for rows in range(1, batch):
+        step = max(_gpu_attention_s(shape, rows, length, bw, streamed_bytes),
+                   _cpu_attention_s(shape, batch - rows, length, bw, host_compiled))
+        if step < best[1]:
+            best = (rows, step)
+    return best
 
 
 def pick_kv_attention(shape: KVShape, batch: int, length: int, bw: Bandwidths, forced: str = "auto",
                       streamed_bytes: int = 0, host_compiled: bool = False) -> KVChoice:
-    """The cheaper of the two (ties go to the GPU), unless `forced` names one."""
+    """The cheapest of the three (ties go to the GPU, then the CPU), unless `forced` names one. A batch of one
+    cannot be split: "split" then runs on the cheaper of the other two, and says so."""
     gpu_s, cpu_s = kv_attention_costs(shape, batch, length, bw, streamed_bytes, host_compiled)
+    rows, split_s = split_cost(shape, batch, length, bw, streamed_bytes, host_compiled)
     kv_gib = 2 * shape.layers * batch * length * shape.kv_heads * shape.head_dim * shape.itemsize / 2**30
     costs = (f"{gpu_s * 1e3:.1f} ms/step on gpu (moves {kv_gib:.2f} GiB of KV over PCIe at {bw.pcie / 1e9:.0f} "
              f"GB/s) vs {cpu_s * 1e3:.1f} ms/step on cpu (at {bw.cpu_flops / 1e9:.0f} GFLOP/s, "
-             f"{bw.host_memory / 1e9:.0f} GB/s host memory); batch {batch}, {length} tokens, {bw.source} rates")
+             f"{(bw.host_read if host_compiled else bw.host_memory) / 1e9:.0f} GB/s host memory)")
+    if rows:
+        costs += f" vs {split_s * 1e3:.1f} ms/step split ({rows} of {batch} sequences on gpu)"
+    costs += f"; batch {batch}, {length} tokens, {bw.source} rates"
+    choice = partial(KVChoice, gpu_s=gpu_s, cpu_s=cpu_s, split_s=split_s)
     if forced in ("gpu", "cpu"):
-        return KVChoice(forced, gpu_s, cpu_s, f"kv_attention={forced!r} asked for; estimated {costs}")
-    return KVChoice("gpu" if gpu_s <= cpu_s else "cpu", gpu_s, cpu_s, f"auto: {costs}")
+        return choice(forced, reason=f"kv_attention={forced!r} asked for; estimated {costs}")
+    if forced == "split":
+        if rows:
+            return choice("split", reason=f"kv_attention='split' asked for; estimated {costs}", gpu_rows=rows)
+        method = "gpu" if gpu_s <= cpu_s else "cpu"
+        return choice(method, reason=f"kv_attention='split' asked for, but a batch of one cannot be split: "
+                                     f"{method}, estimated {costs}")
+    method = min((gpu_s, 0, "gpu"), (cpu_s, 1, "cpu"), (split_s, 2, "split"))[2]
+    return choice(method, reason=f"auto: {costs}", gpu_rows=rows if method == "split" else 0)
 
 
 @dataclass(frozen=True)
@@ -287,7 +334,7 @@ class KVPolicy:
     offload: bool = False
     pin: bool = False
     async_writes: bool = False
-    attention: str = "auto"  # auto | gpu | cpu
+    attention: str = "auto"  # auto | gpu | cpu | split
     bandwidths: Bandwidths = Bandwidths()
     streamed_bytes: int = 0  # weight bytes crossing PCIe per decode step (the gpu method shares the link)
     host_compiled: bool = False  # attention on the CPU runs compiled (`decode_attention`), not eagerly
@@ -330,7 +377,8 @@ def max_batch(model: nn.Module, dtype: torch.dtype, seq_len: int, free_gpu_bytes
     free_gpu_bytes: GPU memory left after weights, streaming buffers and workspaces; free_host_bytes: host
     memory available. On the GPU each sequence takes its cache plus its prefill activations and decode
     state; offloaded, its cache takes host memory, and the GPU holds the activations plus, for
-    kv_attention="gpu" ("auto" is sized like "gpu", the larger), the double buffer of one layer's keys/values.
+    kv_attention="gpu" ("auto" and "split" are sized like "gpu", the larger), the double buffer of one layer's
+    keys/values.
     """
     shape = kv_shape(model, dtype)
     t = cache_len(seq_len, kv_offload)

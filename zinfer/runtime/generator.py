@@ -118,12 +118,13 @@ class Generator:
         """Pick the decode attention method for this batch shape (logged), and check both memories."""
         m = self.model
         choice = self.kv.pick(kv_shape(m, self.dtype), batch_size, mean_len)
-        # the double buffer of the "gpu" method holds one layer's keys and values, twice
-        self._check_gpu_fits(batch_size, max_len, needed=choice.method == "gpu",
-                             releasable=old.device_bytes if old else 0, layers=2)
+        # the double buffer of the "gpu" method (of its rows, split) holds one layer's keys and values, twice
+        on_gpu = {"gpu": batch_size, "cpu": 0, "split": choice.gpu_rows}[choice.method]
+        self._check_gpu_fits(on_gpu, max_len, needed=on_gpu > 0, releasable=old.device_bytes if old else 0,
+                             layers=2)
         host = 2 * m.num_layers * batch_size * max_len * m.num_kv_heads * m.head_dim * self.dtype.itemsize
-        if choice.method == "cpu":
-            host += host_attention_bytes(batch_size, m.num_kv_heads, max_len, m.head_dim, self.dtype,
+        if on_gpu < batch_size:
+            host += host_attention_bytes(batch_size - on_gpu, m.num_kv_heads, max_len, m.head_dim, self.dtype,
                                          self.kv.host_compiled)
         check_host_fits(host, releasable=old.host_bytes if old else 0, tp=self.tp)
         log.info(f"{self.kv.describe()}; batch {batch_size} x {max_len}: {choice}")
@@ -133,7 +134,7 @@ class Generator:
         m = self.model
         return offloaded_cache(self.kv_choice.method, m.num_layers, batch_size, m.num_kv_heads, m.head_dim, max_len,
                                self.dtype, self.device, pin=self.kv.pin, async_writes=self.kv.async_writes,
-                               host_compiled=self.kv.host_compiled)
+                               host_compiled=self.kv.host_compiled, gpu_rows=self.kv_choice.gpu_rows)
 
     def release(self) -> None:
         """Free the KV cache and captured graph (the hybrid engine calls this before training)."""
