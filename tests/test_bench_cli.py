@@ -1,26 +1,32 @@
 """`zinfer bench` and `zinfer compare`: the seed's flags, metrics, log, sweep plot and peer table, on CPU."""
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import make_checkpoint, save_word_tokenizer
 from zinfer import cli
-from zinfer.bench import run
+from zinfer.bench import cli as bench_cli
+from zinfer.bench import compare, run
 from zinfer.bench.cli import bench_config
 from zinfer.bench.metrics import BenchConfig
-from zinfer.bench.peers import ds_zero3_config
+from zinfer.bench.peers import PeerTimings, ds_zero3_config
+from zinfer.bench.plot import sweep_figure
 
 SEED_METRICS = {"prefill_latency", "prefill_throughput", "decode_latency", "decode_throughput", "total_latency",
                 "total_throughput", "gpu_peak_mem"}
 CEILINGS = {"device_name": "test cpu", "device_copy_bytes_per_s": 10e9, "matmul_flops_per_s": 100e9}
 SMALL = ["--batch-size", "2", "--prompt-len", "8", "--gen-len", "4", "--loops", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +124,26 @@ def test_auto_output_file_writes_seed_log_in_cwd(tiny, tmp_path, capsys, monkeyp
 
 
 def test_verbose_2_prints_generated_text(tiny, tmp_path, capsys):
-    code, out, _ = main(capsys, "bench", "--model", tiny[0], *SMALL, "--output-file", tmp_path / "x.log")
+    args = ["--batch-size", 3, "--prompt-len", 8, "--gen-len", 4, "--loops", 1, "--output-file", tmp_path / "x.log"]
+    code, out, _ = main(capsys, "bench", "--model", tiny[0], *args)
     assert code == 0
+    # the seed: rows 0, (n-1)//2, n-1, each followed by 70 dashes, then print's blank line, then the log record;
     # the word tokenizer knows none of the prompt's words, so the prompt is synthetic ids: words w3..w210
-    assert re.search(r"Outputs:\n-{70}\n0: w\d+( w\d+)+\n1: w\d+", out)
+    row = r"w\d+( w\d+)+\n-{70}\n"
+    assert re.search(rf"^Outputs:\n-{{70}}\n0: {row}1: {row}2: {row}\nmodel size: ", out, re.M)
+
+
+class NoTokenizer:
+    tokenizer = None
+
+
+@pytest.mark.parametrize("n, rows", [(1, [0, 0, 0]), (2, [0, 0, 1]), (5, [0, 2, 4])])
+def test_verbose_2_rows_are_the_seeds_list(n, rows, capsys):
+    # the seed's [0, (n-1)//2, n-1] is a list: small batches repeat rows, as its output does
+    completions = [SimpleNamespace(token_ids=[i]) for i in range(n)]
+    assert run._show_outputs(NoTokenizer(), [[]] * n, completions, sys.stdout) == [f"[{i}]" for i in rows]
+    rule = "-" * 70
+    assert capsys.readouterr().out == "\n".join(["Outputs:", rule, *(f"{i}: [{i}]\n{rule}" for i in rows), "", ""])
 
 
 # --- flags ----------------------------------------------------------------------------------------------
@@ -204,6 +226,23 @@ def test_sweep_json_with_plot_file(tiny, tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_sweep_plot_draws_each_throughputs_ceiling(monkeypatch):
+    pytest.importorskip("matplotlib")
+    figures = []
+    monkeypatch.setattr(bench_cli, "plot_sweep",
+                        lambda rows, x, y, out_png, **kw: figures.append(sweep_figure(rows, x, y, **kw)) or out_png)
+    rows = [dict(batch_size=b, model="m", device="cuda", dtype="float16", decode_bound=bound,
+                 decode_throughput=10.0 * b, decode_throughput_ceiling=40.0 * b,
+                 total_throughput=8.0 * b, total_throughput_ceiling=30.0 * b)
+            for b, bound in ((1, "hbm"), (4, "pcie"))]
+    assert bench_cli.plot_throughput(rows, "batch_size", "p.png") == "p.png"
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in figures[0].axes[0].lines}
+    assert lines == {"series=decode_throughput": ([1, 4], [10.0, 40.0]),
+                     "ceiling: series=decode_throughput (decode bound: hbm, pcie)": ([1, 4], [40.0, 160.0]),
+                     "series=total_throughput": ([1, 4], [8.0, 32.0]),
+                     "ceiling: series=total_throughput (decode bound: hbm, pcie)": ([1, 4], [30.0, 120.0])}
+
+
 # --- compare --------------------------------------------------------------------------------------------
 
 def test_compare_runs_zinfer_and_transformers_and_skips_the_rest(tiny, capsys):
@@ -249,6 +288,87 @@ def test_compare_runs_only_the_peers_named(tiny, capsys):
     assert [r["system"] for r in json.loads(out)["rows"]] == ["zinfer", "transformers"]
     code, _, err = main(capsys, "compare", "--model", tiny[0], "--peers", "transformers,vllm")
     assert code == 2 and "unknown peer vllm; choose from transformers, accelerate, deepspeed" in err
+
+
+class FakePeer:
+    """A peer that times nothing real: `fail` names the step that raises."""
+
+    note = "fake"
+
+    def __init__(self, name, fail=None):
+        self.name, self.fail = name, fail
+
+    def _step(self, step):
+        if self.fail == step:
+            raise KeyError(f"{self.name} broke in {step}")  # not an error a peer is known to raise
+
+    def available(self):
+        self._step("available")
+        return True, ""
+
+    def load(self, config, source, dtype, device):
+        self._step("load")
+
+    def generate(self, input_ids, attention_mask, gen_len):
+        self._step("generate")
+        return PeerTimings(0.1, 0.5)
+
+    def unload(self):
+        pass
+
+
+def test_a_peer_that_raises_is_a_failed_row_and_the_others_run(tiny, capsys, monkeypatch):
+    peers = [FakePeer("a", "available"), FakePeer("b", "generate"), FakePeer("c")]
+    monkeypatch.setattr(bench_cli, "select_peers", lambda names, pin_memory=True: peers)
+    code, out, _ = main(capsys, "compare", "--model", tiny[0], *SMALL)
+    assert code == 0
+    assert "a: failed: KeyError: 'a broke in available'" in out and "b: failed: KeyError: 'b broke in generate'" in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[3:7]}
+    assert rows == {"zinfer": "ok", "a": "failed", "b": "failed", "c": "ok"}
+
+
+def test_zinfer_out_of_memory_is_one_line_naming_the_workload(tiny, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+
+    monkeypatch.setattr(compare, "run_generation", out_of_memory)
+    code, out, err = main(capsys, "compare", "--model", tiny[0], *SMALL, "--peers", "transformers", "--json")
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (  # the last line: transformers' loading bar goes to stderr before it
+        f"zinfer: error: zinfer failed on the workload model={tiny[0]}, batch_size=2, prompt_len=8, gen_len=4, "
+        "loops=1, dtype=float32, device=cpu, offload=none, kv_offload=False, quant_bits=16, dummy=False: "
+        "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB.")
+    rows = json.loads(out)["rows"]  # the peers still ran
+    assert [(r["system"], r["status"]) for r in rows] == [("zinfer", "failed"), ("transformers", "ok")]
+
+
+def test_a_bug_in_zinfer_propagates_naming_the_workload(tiny, monkeypatch):
+    monkeypatch.setattr(compare, "run_generation", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError) as info:
+        compare.compare(BenchConfig(model=str(tiny[0]), batch_size=2, prompt_len=8, gen_len=4), "cpu", peers=[])
+    assert info.value.__notes__ == [f"zinfer compare workload: model={tiny[0]}, batch_size=2, prompt_len=8, "
+                                    "gen_len=4, loops=3, dtype=float32, device=cpu, offload=none, kv_offload=False, "
+                                    "quant_bits=16, dummy=False"]
+
+
+def test_compare_benchmark_writes_one_json_per_case(tiny, tmp_path, monkeypatch, capsys):
+    # benchmarks/compare.py on the CPU: its cases shrunk to the tiny model's size
+    spec = importlib.util.spec_from_file_location("compare_bench", ROOT / "benchmarks" / "compare.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "CASES", {
+        "tiny": dict(config=dict(batch_size=2, prompt_len=8, gen_len=4), dtype="auto", flags="--batch-size 2"),
+        "tiny-offload": dict(config=dict(cpu_offload=True, batch_size=1, prompt_len=8, gen_len=2), dtype="auto",
+                             flags="--cpu-offload")})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    code = bench.main(["--model", str(tiny[0]), "--peers", "transformers", "--loops", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads((tmp_path / "compare_tiny.json").read_text())
+    assert report["case"] == "tiny" and report["command"] == f"zinfer compare --model {tiny[0]} --dummy --batch-size 2"
+    assert [r["system"] for r in report["rows"]] == ["zinfer", "transformers"]
+    assert all(r["status"] == "ok" and r["zinfer_total_ratio"] > 0 for r in report["rows"])
+    assert json.loads((tmp_path / "compare_tiny-offload.json").read_text())["workload"]["offload"] == "cpu"
 
 
 def test_peer_times_prefill_and_total_in_one_generate(tiny):

@@ -19,7 +19,7 @@ from zinfer.bench.metrics import (
     write_benchmark_log,
 )
 from zinfer.bench.perf import Performance
-from zinfer.bench.plot import format_table, plot_sweep
+from zinfer.bench.plot import format_table, plot_sweep, sweep_figure
 
 # --- run_generation metrics ---------------------------------------------------------------------------
 
@@ -114,6 +114,15 @@ def test_benchmark_log_appends_seed_format(tmp_path):
     assert path.read_text() == (expected + "\n") * 2
 
 
+def test_benchmark_log_reports_binary_gigabytes(tmp_path):
+    # literal bytes, so a change of unit fails: 1.5e9 B is 1.397 GiB (1.500 in decimal GB)
+    metrics = compute_metrics([1.0], [2.0], batch_size=1, prompt_len=1, gen_len=1, gpu_peak_mem=40_000_000_000)
+    record = write_benchmark_log(str(tmp_path / "b.log"), 1_500_000_000, 536_870_912, 3_000_000, **metrics)
+    assert record.splitlines()[0] == "model size: 1.397 GB\tcache size: 0.500 GB\thidden size (p): 0.003 GB"
+    assert record.splitlines()[1].startswith("peak gpu mem: 37.253 GB\t")
+    assert GB == 1_073_741_824
+
+
 # --- byte counts --------------------------------------------------------------------------------------
 
 
@@ -133,6 +142,33 @@ def test_byte_counts_with_gqa_and_gated_mlp():
     assert cache_bytes(1, 8, 1, 1, num_heads=4, num_kv_heads=2) == 16  # 2 * 4 * 2 bytes
     with pytest.raises(ValueError, match="hidden_size=8, num_heads=3, num_kv_heads=1"):
         cache_bytes(1, 8, 1, 1, num_heads=3, num_kv_heads=1)
+
+
+def seed_model_bytes(c):
+    # DeepSpeedExamples inference/huggingface/zero_inference/utils.py, as written there
+    h = c.hidden_size
+    return 2 * (c.num_hidden_layers * (h * (3 * h + 1) + h * (h + 1) + h * (4 * h + 1) + h * 4 * (h + 1) + h * 4)
+                + c.vocab_size * (h + 1))
+
+
+def test_opt_log_sizes_equal_seed_formulas():
+    transformers = pytest.importorskip("transformers")
+    from zinfer.bench.run import log_sizes
+
+    opt = transformers.OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                                 vocab_size=50272)  # facebook/opt-1.3b
+    config = BenchConfig(batch_size=8, prompt_len=512, gen_len=32)
+    model, cache, hidden = log_sizes(opt, config, dtype_bytes=2)
+    s = 512 + 32
+    assert model == seed_model_bytes(opt) == 2_623_015_104
+    assert cache == 2 * 8 * s * opt.num_hidden_layers * opt.hidden_size * 2
+    assert hidden == 8 * s * opt.hidden_size * 2
+    # Llama-3-8B (GQA 8/32, gated 14336 MLP): ours counts the real shape, so it is not the seed's number
+    llama = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    model, cache, _ = log_sizes(llama, config, dtype_bytes=2)
+    assert model != seed_model_bytes(llama)
+    assert cache * 4 == 2 * 8 * s * 32 * 4096 * 2  # K and V are 4x narrower than the seed's h
 
 
 # --- DSPipeline Performance ---------------------------------------------------------------------------
@@ -193,6 +229,27 @@ def test_plot_sweep_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 0
 
 
+def _lines(fig) -> dict:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()}
+
+
+def test_sweep_figure_draws_the_ceiling():
+    pytest.importorskip("matplotlib")
+    rows = [{"batch": b, "tok_s": 100.0 * b, "mode": m, "max": 150.0 * b} for b in (1, 2) for m in ("gpu", "cpu")]
+    # a number: one horizontal dashed line
+    lines = _lines(sweep_figure(rows, "batch", "tok_s", ceiling=500.0, series="mode", ceiling_label="hbm bound"))
+    assert set(lines) == {"mode=gpu", "mode=cpu", "ceiling: 500 (hbm bound)"}
+    assert set(lines["ceiling: 500 (hbm bound)"][1]) == {500.0}
+    # a row key: each series' own ceiling at each x, dashed in its colour
+    fig = sweep_figure(rows, "batch", "tok_s", ceiling="max", series="mode")
+    assert _lines(fig)["ceiling: mode=gpu"] == ([1, 2], [150.0, 300.0])
+    styles = {line.get_label(): (line.get_linestyle(), line.get_color()) for line in fig.axes[0].get_lines()}
+    assert styles["ceiling: mode=cpu"] == ("--", styles["mode=cpu"][1])
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == set(_lines(fig))
+    with pytest.raises(ValueError, match=r"keys 'batch', 'tok_s', 'nope'; rows \[0, 1, 2, 3\] lack them"):
+        sweep_figure(rows, "batch", "tok_s", ceiling="nope")
+
+
 def test_plot_sweep_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
@@ -245,11 +302,21 @@ def test_disk_read_is_measured_and_cached_per_directory(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(ceilings, "measure_disk_read", lambda d: calls.append(d) or {"bytes_per_s": 1.0})
-    monkeypatch.setattr(ceilings, "_measure_cpu", lambda: {"device_copy_bytes_per_s": 1.0})
+    monkeypatch.setattr(ceilings, "_measure_cpu", lambda: {"device_copy_bytes_per_s": 1.0,
+                                                           "host_read_bytes_per_s": 1.0})
     got = ceilings.get_ceilings("cpu", disk_dir=str(tmp_path))
     again = ceilings.get_ceilings("cpu", disk_dir=str(tmp_path))
     assert got["disk"][str(tmp_path.resolve())] == {"bytes_per_s": 1.0} and again == got
     assert calls == [str(tmp_path.resolve())]
+
+
+def test_cpu_cache_without_the_host_read_rate_is_measured_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZINFER_CACHE", str(tmp_path))
+    ceilings.cache_path("cpu").write_text('{"device_copy_bytes_per_s": 1.0}')  # written before the read rate existed
+    monkeypatch.setattr(ceilings, "_measure_cpu", lambda: {"device_copy_bytes_per_s": 2.0,
+                                                           "host_read_bytes_per_s": 3.0})
+    assert ceilings.get_ceilings("cpu")["host_read_bytes_per_s"] == 3.0
+    assert json.loads(ceilings.cache_path("cpu").read_text())["host_read_bytes_per_s"] == 3.0
 
 
 def test_corrupt_cache_is_measured_again(monkeypatch, tmp_path):

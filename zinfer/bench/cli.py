@@ -12,9 +12,9 @@ import sys
 from dataclasses import fields, replace
 
 from zinfer.api import DTYPES
-from zinfer.bench.compare import COLUMNS, compare
+from zinfer.bench.compare import COLUMNS, compare, describe
 from zinfer.bench.metrics import BenchConfig
-from zinfer.bench.peers import PEER_NAMES, default_peers
+from zinfer.bench.peers import PEER_NAMES, select_peers
 from zinfer.bench.plot import format_table, plot_sweep
 from zinfer.bench.run import is_rank_zero, load_bench_llm, run_generation
 from zinfer.cli import HelpFormatter, positive_int
@@ -220,31 +220,31 @@ def run_sweep(args: argparse.Namespace, config: BenchConfig) -> int:
 
 
 def plot_throughput(rows: list[dict], field: str, path: str) -> str:
-    """Decode and total throughput against the swept value, each with its ceiling (which moves with the
-    batch and lengths, so it is drawn as a line of its own rather than one horizontal rule)."""
-    points = []
-    for row in rows:
-        for metric in ("decode_throughput", "total_throughput"):
-            points.append({field: row[field], "series": metric, "tokens/s": row[metric]})
-            points.append({field: row[field], "series": f"{metric} ceiling", "tokens/s": row[f"{metric}_ceiling"]})
+    """Decode and total throughput against the swept value, each with its ceiling dashed beside it (the ceiling
+    moves with the batch and lengths, so it is a line of its own rather than one horizontal rule)."""
+    points = [{field: row[field], "series": metric, "tokens/s": row[metric], "ceiling": row[f"{metric}_ceiling"]}
+              for row in rows for metric in ("decode_throughput", "total_throughput")]
+    bounds = ", ".join(dict.fromkeys(row["decode_bound"] for row in rows))  # the decode floor's slowest link
     first = rows[0]
     title = f"{first['model']} on {first['device']} ({first['dtype']})"
-    return plot_sweep(points, field, "tokens/s", path, title=title, series="series")
+    return plot_sweep(points, field, "tokens/s", path, ceiling="ceiling", title=title, series="series",
+                      ceiling_label=f"decode bound: {bounds}")
 
 
 def run_compare(args: argparse.Namespace) -> int:
     config = bench_config(args)
     options = run_options(args)
-    peers = None if args.peers is None else [p for p in default_peers(options["pin_memory"]) if p.name in args.peers]
-    report = compare(config, args.device, args.dtype, peers=peers, **options)
+    report = compare(config, args.device, args.dtype, peers=select_peers(args.peers, options["pin_memory"]),
+                     **options)
     if args.json:
         print(json.dumps(report))
     else:
-        print("workload: " + ", ".join(f"{k}={v}" for k, v in report["workload"].items()))
+        print("workload: " + describe(report["workload"]))
         print(format_table(report["rows"], COLUMNS))
         print("notes:\n" + "\n".join(f"  {n}" for n in report["notes"]))
     ours = report["rows"][0]
-    if ours["status"] != "ok":  # zinfer could not run the workload (e.g. an option not implemented yet)
-        print(f"zinfer: error: {ours['note']}", file=sys.stderr)
+    if ours["status"] != "ok":  # zinfer could not run the workload (an option not implemented yet, out of memory)
+        print(f"zinfer: error: zinfer failed on the workload {describe(report['workload'])}: {ours['note']}",
+              file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,9 @@
 
 Users compare our numbers with DeepSpeed's ZeRO-Inference `run_model.py`, so the definitions here are
 the seed's, including its quirks: the metrics come from the *last* loop iteration (earlier ones are
-warm-up), and the byte counts use its OPT-style parameter tally. Everything is pure Python.
+warm-up), and the log reports binary gigabytes. The byte counts are the seed's tally where the seed's OPT-style
+formula describes the model (MHA, a 4h MLP, 2 bytes) and the model's real shape where it does not (see
+`model_bytes`). Everything is pure Python.
 """
 
 from __future__ import annotations
@@ -128,11 +130,17 @@ def _kv_dim(hidden_size: int, num_heads: int | None, num_kv_heads: int | None) -
 def model_bytes(num_layers: int, hidden_size: int, vocab_size: int, ffn_size: int | None = None,
                 num_heads: int | None = None, num_kv_heads: int | None = None, dtype_bytes: int = 2,
                 gated_mlp: bool = False) -> int:
-    """Weight bytes by the seed's tally, generalised; with ffn=4h, MHA and 2 bytes it equals the seed's.
+    """Weight bytes by the seed's tally (DeepSpeedExamples' zero_inference `utils.model_bytes`), generalised.
 
-    The seed counts one bias of h on the fused QKV (h*(3h+1)) and h*4 for the two layer norms; we keep
-    that so our log's "model size" matches DeepSpeed's for the same model. A gated MLP (Llama) adds one
-    more h x ffn projection.
+    Equal to the seed's for ffn_size None or 4h, num_kv_heads == num_heads, gated_mlp False and dtype_bytes 2:
+    OPT and BLOOM, the families the seed was written for. Per layer it is then the seed's h(3h+1) + h(h+1)
+    (attention; one bias of h on the fused QKV), h(4h+1) + 4h(h+1) (MLP), 4h (two layer norms), plus
+    V(h+1) for the embedding. Different, on purpose, where the seed's formula does not describe the model:
+    grouped-query attention (K and V are h*kv/heads wide, not h), a gated MLP (a third h x ffn projection),
+    an intermediate size other than 4h (Llama-3-8B: 14336 for h 4096), and other dtypes (the seed always
+    counts 2 bytes). So for Llama, Mistral, Qwen2 or Mixtral our "model size" is the model's and not the
+    number DeepSpeed's log prints for it. Kept from the seed everywhere: its bias terms (a few h per layer;
+    Llama has none) and one embedding table (an untied LM head, as Llama-3's, is not counted).
     """
     h = hidden_size
     ffn = 4 * h if ffn_size is None else ffn_size
@@ -146,7 +154,11 @@ def model_bytes(num_layers: int, hidden_size: int, vocab_size: int, ffn_size: in
 
 def cache_bytes(num_layers: int, hidden_size: int, batch_size: int, seq_len: int,
                 num_heads: int | None = None, num_kv_heads: int | None = None, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes: K and V for every layer, sequence position and batch row (seed: 2*B*S*L*h*2)."""
+    """KV-cache bytes: K and V for every layer, sequence position and batch row.
+
+    The seed's 2*B*S*L*h*2 for MHA and 2 bytes; with grouped-query attention K and V are h*kv/heads wide (the
+    seed, counting h, overstates a Llama-3 cache 4x).
+    """
     kv = _kv_dim(hidden_size, num_heads, num_kv_heads)
     return 2 * batch_size * seq_len * num_layers * kv * dtype_bytes
 

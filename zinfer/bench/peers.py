@@ -246,3 +246,11 @@ def default_peers(pin_memory: bool = True) -> list[HFGeneratePeer]:
 
 
 PEER_NAMES = tuple(p.name for p in (TransformersPeer, AcceleratePeer, DeepSpeedPeer))
+
+
+def select_peers(names: list[str] | None, pin_memory: bool = True) -> list[HFGeneratePeer]:
+    """The peers named (None: all), in PEER_NAMES order."""
+    unknown = sorted(set(names or ()) - set(PEER_NAMES))
+    if unknown:
+        raise ValueError(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    return [p for p in default_peers(pin_memory) if names is None or p.name in names]

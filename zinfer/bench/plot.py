@@ -17,13 +17,21 @@ def _figure():
     return fig
 
 
-def plot_sweep(rows: list[dict], x: str, y: str, out_png: str, ceiling: float | None = None,
-               title: str = "", *, series: str | None = None) -> str:
-    """Plot y against x for each row (one line per value of `series`), the ceiling as a dashed line."""
-    missing = [i for i, row in enumerate(rows) if x not in row or y not in row]
+def sweep_figure(rows: list[dict], x: str, y: str, ceiling: float | str | None = None, title: str = "", *,
+                 series: str | None = None, ceiling_label: str = ""):
+    """The sweep's matplotlib Figure: y against x for each row, one line per value of `series`.
+
+    `ceiling`, dashed and labelled "ceiling: ...": a number is one horizontal line; the name of a row key is each
+    series' own ceiling at each x, in its colour (a throughput ceiling moves with the batch and lengths, so a
+    horizontal rule would misstate it). `ceiling_label` adds what bounds it, e.g. "pcie bound".
+    """
+    per_row = isinstance(ceiling, str)
+    keys = (x, y, ceiling) if per_row else (x, y)
+    missing = [i for i, row in enumerate(rows) if any(k not in row for k in keys)]
     if not rows or missing:
-        raise ValueError(f"plot_sweep needs rows with keys {x!r} and {y!r}; "
+        raise ValueError(f"plot_sweep needs rows with keys {', '.join(map(repr, keys))}; "
                          f"{'no rows given' if not rows else f'rows {missing} lack them'}")
+    suffix = f" ({ceiling_label})" if ceiling_label else ""
     groups: dict = {}
     for row in rows:
         groups.setdefault(row.get(series) if series else None, []).append(row)
@@ -31,16 +39,26 @@ def plot_sweep(rows: list[dict], x: str, y: str, out_png: str, ceiling: float | 
     ax = fig.add_subplot()
     for label, group in groups.items():
         group = sorted(group, key=lambda r: r[x])
-        ax.plot([r[x] for r in group], [r[y] for r in group], marker="o",
-                label=f"{series}={label}" if series else y)
-    if ceiling is not None:
-        ax.axhline(ceiling, linestyle="--", color="gray", label=f"ceiling {ceiling:.4g}")
+        xs, name = [r[x] for r in group], f"{series}={label}" if series else y
+        (line,) = ax.plot(xs, [r[y] for r in group], marker="o", label=name)
+        if per_row:
+            ax.plot(xs, [r[ceiling] for r in group], linestyle="--", color=line.get_color(),
+                    label=f"ceiling: {name}{suffix}")
+    if ceiling is not None and not per_row:
+        ax.axhline(ceiling, linestyle="--", color="gray", label=f"ceiling: {ceiling:.4g}{suffix}")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rows: list[dict], x: str, y: str, out_png: str, ceiling: float | str | None = None,
+               title: str = "", *, series: str | None = None, ceiling_label: str = "") -> str:
+    """Write `sweep_figure(...)` to `out_png` and return the path."""
+    fig = sweep_figure(rows, x, y, ceiling, title, series=series, ceiling_label=ceiling_label)
     fig.savefig(out_png, format="png")
     return out_png
 

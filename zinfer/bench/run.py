@@ -161,7 +161,8 @@ def _first(obj, *names, default=None):
 
 
 def log_sizes(hf_config, config: BenchConfig, dtype_bytes: int) -> tuple[int, int, int]:
-    """The seed's (model size, cache size, hidden size) in bytes, from the model config."""
+    """The log's (model size, cache size, hidden size) in bytes, from the model config: the seed's numbers for
+    OPT and BLOOM at 2 bytes, the model's real shape otherwise (see `model_bytes`)."""
     layers = _first(hf_config, "num_hidden_layers", "n_layer")
     hidden = _first(hf_config, "hidden_size", "n_embd")
     heads = _first(hf_config, "num_attention_heads", "n_head")
@@ -307,12 +308,14 @@ def machine_ceilings(config: BenchConfig, device: torch.device) -> dict:
 # --- the benchmark --------------------------------------------------------------------------------------
 
 def _show_outputs(llm: LLM, ids: list[list[int]], completions, out: TextIO) -> list[str]:
-    """The seed's verbose=2 listing: the first and last row of the batch, prompt and continuation."""
-    rows = sorted({0, len(completions) - 1})
+    """The seed's verbose=2 listing: rows 0, (n-1)//2 and n-1 of the batch, prompt and continuation, each
+    followed by a rule. A list as in the seed, not a set: a batch of 1 or 2 shows a row more than once."""
+    n = len(completions)
+    rows = [0, (n - 1) // 2, n - 1]
     texts = [llm.decode(ids[i] + completions[i].token_ids) if llm.tokenizer is not None
              else str(completions[i].token_ids) for i in rows]
-    lines = ["Outputs:", "-" * 70] + [f"{i}: {t}" for i, t in zip(rows, texts)] + ["-" * 70]
-    print("\n".join(lines), file=out)
+    rule = "-" * 70 + "\n"
+    print("Outputs:\n" + rule + "".join(f"{i}: {t}\n" + rule for i, t in zip(rows, texts)), file=out)
     return texts
 
 
@@ -347,6 +350,8 @@ def run_generation(config: BenchConfig, device="auto", dtype="auto", *, compile:
               **roofline(llm, config, metrics, machine_ceilings(config, llm.device))}
     if not is_rank_zero():
         return result
+    if config.verbose >= 2:  # as in the seed, the generated text comes before the log record
+        result["outputs"] = _show_outputs(llm, ids, completions, out)
     record = None
     if write_log:
         result["output_file"] = output_path(config)
@@ -356,6 +361,4 @@ def run_generation(config: BenchConfig, device="auto", dtype="auto", *, compile:
         print(record or f"prefill {metrics['prefill_latency']:.3f} s, total {metrics['total_latency']:.3f} s",
               file=out)
         print(_roofline_line(result), file=out)
-    if config.verbose >= 2:
-        result["outputs"] = _show_outputs(llm, ids, completions, out)
     return result
