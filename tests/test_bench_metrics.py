@@ -312,10 +312,14 @@ def test_disk_read_is_measured_and_cached_per_directory(monkeypatch, tmp_path):
 
 def test_cpu_cache_without_the_host_read_rate_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setenv("ZINFER_CACHE", str(tmp_path))
-    ceilings.cache_path("cpu").write_text('{"device_copy_bytes_per_s": 1.0}')  # written before the read rate existed
+    ceilings.cache_path("cpu").parent.mkdir(parents=True, exist_ok=True)
+    # written before the read rate existed; its disk rates stay
+    ceilings.cache_path("cpu").write_text('{"device_copy_bytes_per_s": 1.0, "disk": {"/x": {"bytes_per_s": 5.0}}}')
     monkeypatch.setattr(ceilings, "_measure_cpu", lambda: {"device_copy_bytes_per_s": 2.0,
                                                            "host_read_bytes_per_s": 3.0})
-    assert ceilings.get_ceilings("cpu")["host_read_bytes_per_s"] == 3.0
+    got = ceilings.get_ceilings("cpu")
+    assert got["host_read_bytes_per_s"] == 3.0 and got["device_copy_bytes_per_s"] == 2.0
+    assert got["disk"] == {"/x": {"bytes_per_s": 5.0}}
     assert json.loads(ceilings.cache_path("cpu").read_text())["host_read_bytes_per_s"] == 3.0
 
 

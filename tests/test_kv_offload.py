@@ -97,6 +97,8 @@ def test_reused_cache_one_token_prompts_and_window(llama, method):
     assert tokens(llm, other) == tokens(ref, other)
     assert llm.engine.state.cache is cache  # same bucket: the host cache was reused
     assert tokens(llm, [[5]]) == tokens(ref, [[5]])
+    ones = [[5], [6], [7]]  # one-token prompts in a batch a split cache takes: its prefill goes through attend
+    assert tokens(llm, ones) == tokens(ref, ones)
     # the last step of a 7-token prompt + 3 tokens prefetches layer 0's rows [0, 9) for a next step; a 9-token
     # prompt in the same bucket starts decoding at slot 9: that prefetch is stale and must not be used
     three = zinfer.SamplingParams(max_new_tokens=3, ignore_eos=True)
@@ -128,7 +130,7 @@ def test_auto_pick_is_logged(llama, caplog):
     llm = zinfer.LLM(str(llama), device="cpu", kv_offload=True)
     with caplog.at_level(logging.INFO, logger="zinfer.runtime.generator"):
         tokens(llm)
-    assert llm.engine.kv_choice.reason.startswith("auto: ")
+    assert llm.engine.kv_choice.reason.startswith("auto: ") and not llm.engine.kv.concurrent
     assert f"decode attention on {llm.engine.kv_choice.method}: auto: " in caplog.text
     assert "KV cache: offloaded to CPU memory, synchronous writes" in caplog.text
 
@@ -196,6 +198,10 @@ def test_pick_by_bandwidth_batch_and_override():
     one = pick_kv_attention(SHAPE, 1, 16, bw, forced="split")
     assert one.method == "gpu" and "a batch of one cannot be split: gpu" in one.reason
     assert KVPolicy(True, attention="cpu", bandwidths=bw).pick(SHAPE, 1, 16).method == "cpu"
+    # a CPU compute device runs both shares on the same cores, one after the other: auto never splits there
+    serial = KVPolicy(True, bandwidths=bw, streamed_bytes=10 * GiB, concurrent=False).pick(SHAPE, 64, 540)
+    assert serial.method != "split" and serial.reason.endswith("(a CPU compute device or an unpinned cache)")
+    assert KVPolicy(True, attention="split", bandwidths=bw, concurrent=False).pick(SHAPE, 64, 540).method == "split"
 
 
 def test_split_balances_the_two_shares():
@@ -300,16 +306,15 @@ def test_gpu_offloaded_equals_resident(gpu_ckpt, case):
     assert tokens(llm, params=params) == expected
     assert tokens(llm, [[7, 8, 9]], params) == tokens(zinfer.LLM(str(gpu_ckpt), dtype="float32", device="cuda"),
                                                       [[7, 8, 9]], params)
-    state = llm.engine.state
+    state = llm.engine.state  # the batch-1 bucket: a split falls back to one method there
     assert state.graph is None and not state.use_graph
-    cache = state.cache
-    parts = (cache.on_device, cache.on_host) if cache.method == "split" else (cache,)
+    assert tokens(llm, params=params) == expected  # the three prompts again: a bucket of 3, split 1:2 or 2:1
+    cache = llm.engine.state.cache
+    parts = (cache.on_device, cache.on_host) if case["kv_attention"] == "split" else (cache,)
+    assert cache.method == case["kv_attention"] and (cache.method != "split" or 0 < cache.gpu_rows < len(PROMPTS))
     for part in parts:
         assert part.keys[0].device.type == "cpu"
         assert part.keys[0].is_pinned() == bool(case.get("pin_kv_cache"))
-    tokens(llm, params=params)  # the three prompts again: a bucket of 3 sequences, split 1:2 or 2:1
-    if case["kv_attention"] == "split":
-        assert llm.engine.kv_choice.method == "split" and 0 < llm.engine.state.cache.gpu_rows < len(PROMPTS)
 
 
 @pytest.mark.gpu

@@ -238,11 +238,12 @@ def get_ceilings(device, refresh: bool = False, *, disk_dir: str | None = None) 
     device = _as_device(device)
     path = cache_path(device)
     data = None if refresh else _load(path)
-    if data is not None and device.type == "cpu" and "host_read_bytes_per_s" not in data:
-        data = None  # cached before the host read rate was measured: measure again
     dirty = data is None
     if data is None:
         data = measure(device)
+    elif device.type == "cpu" and "host_read_bytes_per_s" not in data:
+        data.update(measure(device))  # cached before the host read rate was measured (disk rates kept)
+        dirty = True
     if disk_dir is not None:
         key = str(Path(disk_dir).resolve())
         disks = data.setdefault("disk", {})

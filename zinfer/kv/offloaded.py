@@ -339,7 +339,9 @@ class SplitKVCache:
     the prefetch loads PCIe (beside the streamed weights), attention on the CPU loads host memory and cores. Per
     layer: the CPU's share of q, k, v goes to the host first (the sync waits only for this layer's projections),
     then the device's share is queued (wait for its prefetch, attend), then the CPU attends its share while the
-    device works through the queue; the two outputs are joined on the device."""
+    device works through the queue; the two outputs are joined on the device. The shares overlap only over a
+    pinned cache: a prefetch from pageable memory is staged by CUDA before the call returns, holding the host
+    thread (the planner's auto does not split then)."""
 
     offloaded = True
     method = "split"

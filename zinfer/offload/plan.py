@@ -302,9 +302,12 @@ def split_cost(shape: KVShape, batch: int, length: int, bw: Bandwidths, streamed
 
 
 def pick_kv_attention(shape: KVShape, batch: int, length: int, bw: Bandwidths, forced: str = "auto",
-                      streamed_bytes: int = 0, host_compiled: bool = False) -> KVChoice:
+                      streamed_bytes: int = 0, host_compiled: bool = False, concurrent: bool = True) -> KVChoice:
     """The cheapest of the three (ties go to the GPU, then the CPU), unless `forced` names one. A batch of one
-    cannot be split: "split" then runs on the cheaper of the other two, and says so."""
+    cannot be split: "split" then runs on the cheaper of the other two, and says so. `concurrent`: the two shares
+    of a split can run at once, so auto may split. They cannot on a CPU compute device (both run on the same
+    cores) nor over an unpinned cache (CUDA stages a pageable host-to-device copy through its own buffers and
+    returns only when it is staged: the prefetch holds the host thread the CPU share needs)."""
     gpu_s, cpu_s = kv_attention_costs(shape, batch, length, bw, streamed_bytes, host_compiled)
     rows, split_s = split_cost(shape, batch, length, bw, streamed_bytes, host_compiled)
     kv_gib = 2 * shape.layers * batch * length * shape.kv_heads * shape.head_dim * shape.itemsize / 2**30
@@ -323,7 +326,10 @@ def pick_kv_attention(shape: KVShape, batch: int, length: int, bw: Bandwidths, f
         method = "gpu" if gpu_s <= cpu_s else "cpu"
         return choice(method, reason=f"kv_attention='split' asked for, but a batch of one cannot be split: "
                                      f"{method}, estimated {costs}")
-    method = min((gpu_s, 0, "gpu"), (cpu_s, 1, "cpu"), (split_s, 2, "split"))[2]
+    method = min((gpu_s, 0, "gpu"), (cpu_s, 1, "cpu"), (split_s if concurrent else math.inf, 2, "split"))[2]
+    if not concurrent:
+        costs += "; the shares of a split would run one after the other here (a CPU compute device or an unpinned " \
+                 "cache)"
     return choice(method, reason=f"auto: {costs}", gpu_rows=rows if method == "split" else 0)
 
 
@@ -338,10 +344,11 @@ class KVPolicy:
     bandwidths: Bandwidths = Bandwidths()
     streamed_bytes: int = 0  # weight bytes crossing PCIe per decode step (the gpu method shares the link)
     host_compiled: bool = False  # attention on the CPU runs compiled (`decode_attention`), not eagerly
+    concurrent: bool = True  # a split's shares run at once (a GPU, a pinned cache): auto may split the batch
 
     def pick(self, shape: KVShape, batch: int, length: int) -> KVChoice:
         return pick_kv_attention(shape, batch, length, self.bandwidths, self.attention, self.streamed_bytes,
-                                 self.host_compiled)
+                                 self.host_compiled, self.concurrent)
 
     def describe(self) -> str:
         if not self.offload:
@@ -363,7 +370,8 @@ def kv_policy(options: EngineConfig, device: torch.device, plan: Plan | None = N
     streamed = sum(u.nbytes for u in plan.streamed) if plan is not None and device.type == "cuda" else 0
     host_compiled = device.type == "cuda" if compile is None else compile
     return KVPolicy(True, options.pin_kv_cache, options.async_kv_offload, options.kv_attention,
-                    bandwidths or cached_bandwidths(device), streamed, host_compiled)
+                    bandwidths or cached_bandwidths(device), streamed, host_compiled,
+                    device.type == "cuda" and options.pin_kv_cache)
 
 
 def _fit(free: int, per_seq: int, fill: float) -> int:
