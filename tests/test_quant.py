@@ -183,7 +183,7 @@ def test_quantize_refuses_non_finite(bad):
 
 
 def test_quantize_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"method must be one of \('refit', 'rtn'\), got 'gptq'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('refit', 'rtn', 'weighted'\), got 'gptq'"):
         quantize(torch.randn(4, 64), QuantSpec(), method="gptq")
     with pytest.raises(ValueError, match=r"2-D \[N, K\] weight, got shape \[64\]"):
         quantize(torch.randn(64), QuantSpec())
@@ -327,3 +327,47 @@ def test_triton_kernels_under_interpreter():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- the weighted fit (calibrated quantization) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 32), QuantSpec(4, 32, symmetric=True)], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weighted_fit_lowers_the_weighted_error(spec, dtype):
+    """Columns driven unevenly (h = E[x^2] spread over orders of magnitude): the weighted fit's weighted error is
+    below the weights-only fit's; codes are nearest points of the stored grid."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 150, generator=g).to(dtype)  # K = 150: a ragged last group
+    h = torch.rand(150, generator=g) ** 6
+    plain = dequantize(quantize(w, spec), torch.float32)
+    qw = quantize(w, spec, method="weighted", channel_weights=h)
+    fitted = dequantize(qw, torch.float32)
+    err = lambda a: ((a - w.float()) ** 2 * h).sum().item()  # noqa: E731
+    assert err(fitted) < 0.9 * err(plain)
+    assert qw.scale.dtype == dtype and torch.isfinite(qw.scale).all() and (qw.scale > 0).all()
+    assert torch.equal(quantize(w, spec, method="weighted", channel_weights=h).qweight, qw.qweight)  # deterministic
+
+
+def test_weighted_fit_edge_groups():
+    spec = QuantSpec(4, 32)
+    w = torch.randn(4, 64)
+    w[0, :32] = 0.75  # a constant group is exact
+    h = torch.ones(64)
+    h[32:] = 0.0  # undriven columns: the min/max grid, which covers the group
+    out = dequantize(quantize(w, spec, method="weighted", channel_weights=h), torch.float32)
+    assert torch.equal(out[0, :32], w[0, :32])
+    groups = w[:, 32:]
+    step = (groups.amax(1) - groups.amin(1)) / 15
+    assert ((out[:, 32:] - groups).abs() <= step[:, None] / 2 + 1e-6).all()
+
+
+def test_weighted_fit_errors():
+    w, spec = torch.randn(8, 64), QuantSpec(4, 64)
+    with pytest.raises(ValueError, match="method='weighted' takes channel_weights"):
+        quantize(w, spec, method="weighted")
+    with pytest.raises(ValueError, match="method='weighted' takes channel_weights"):
+        quantize(w, spec, channel_weights=torch.ones(64))
+    with pytest.raises(ValueError, match=r"channel_weights must be \[64\] and >= 0 \(no NaN\), got shape \[32\]"):
+        quantize(w, spec, method="weighted", channel_weights=torch.ones(32))
+    with pytest.raises(ValueError, match=r"channel_weights must be \[64\] and >= 0"):
+        quantize(w, spec, method="weighted", channel_weights=torch.full((64,), float("nan")))

@@ -45,10 +45,12 @@ class Linear(nn.Module):
                 torch.empty(n, kp // spec.group_size, dtype=dtype), requires_grad=False)
         self.qspec = spec
 
-    def load_weight(self, dense: torch.Tensor, device, dtype) -> list[str]:
-        """Quantize a dense [out, in] checkpoint tensor (on the GPU when there is one) into place."""
+    def load_weight(self, dense: torch.Tensor, device, dtype, channel_weights: torch.Tensor | None = None) -> list[str]:
+        """Quantize a dense [out, in] checkpoint tensor (on the GPU when there is one) into place; with
+        `channel_weights` [in] (E[x^2] of each input column, see zinfer.calibrate) by the weighted fit."""
         on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        qw = quantize(dense.to(device=on, dtype=dtype), self.qspec).to(device)
+        method, h = ("refit", None) if channel_weights is None else ("weighted", channel_weights.to(on))
+        qw = quantize(dense.to(device=on, dtype=dtype), self.qspec, method=method, channel_weights=h).to(device)
         names = []
         for name, t in qw.tensors().items():
             setattr(self, name, nn.Parameter(t, requires_grad=False))
@@ -172,6 +174,7 @@ class MergedLinears:
         different Linears stack) and re-point each member at its view."""
         if any(lin.qspec is None or lin.qweight.is_meta for lin in self.linears):
             return
+        self.weight = None  # a dense fused weight of before (members quantized in place) is no longer read
         self.qspec = self.linears[0].qspec
         for name in self.PACKED:
             parts = [getattr(lin, name) for lin in self.linears]

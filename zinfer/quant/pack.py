@@ -21,6 +21,13 @@ half a step), so |w - w_hat| <= scale / 2 holds for every weight without clampin
   "refit"  (default) starts from "rtn" and refits each group's grid by alternating least squares
            (`_refit`): lower squared error, never higher than "rtn"'s, same bound.
 
+One method gives up the bound for the layer's output instead of its weights, and needs to know the inputs:
+  "weighted"  `channel_weights` h [K] (E[x_k^2] of the layer's input over calibration text, see
+           zinfer.calibrate) weigh each column's error: each group's grid minimises sum_k h_k (w_k - w_hat_k)^2,
+           the expected squared output error of the group's columns for uncorrelated inputs, searched from
+           several clipped [min, max] starts (`_weighted_fit`). Clipping rarely-driven extremes pays there; it
+           does not when every column counts the same (see `_refit`).
+
 The same tensors are used in GPU memory, pinned host memory, on NVMe and over PCIe.
 """
 
@@ -38,7 +45,10 @@ _CHUNK_ELEMS = 1 << 22  # rows per chunk = this // Kp: 16 MiB per fp32 temporary
 # quantize on CUDA: 4x larger chunks (~0.6 GiB peak, inside plan.ACTIVATION_RESERVE), because "refit" runs
 # ~1,000 small kernels per chunk whatever its size, and launches, not bytes, would dominate at 16 MiB.
 _CUDA_QUANTIZE_CHUNK_ELEMS = 1 << 24
-METHODS = ("refit", "rtn")
+METHODS = ("refit", "rtn")  # weights only: |w - w_hat| <= scale / 2 for every weight
+WEIGHTED = "weighted"  # needs channel_weights; clips
+# "weighted": a group's grid starts from [min + a * range, max - b * range] for every (a, b) in CLIP_STARTS^2
+CLIP_STARTS = (0.0, 0.05, 0.1, 0.15)
 REFIT_STEPS = 10  # most groups stop improving within 10 steps (see _refit)
 
 
@@ -156,12 +166,17 @@ def _store_scale(s: Tensor, base, top_code: int, floor: float, fmax: float, dtyp
     return torch.where(base + top_code * up.float() > fmax, _round_down(s, dtype), up)
 
 
-def _quantize_rows(w: Tensor, spec: QuantSpec, kp: int, dtype: torch.dtype, method: str):
-    """w: [R, K] fp32 -> (codes uint8 [R, Kp], scale [R, Kp/G], zero [R, Kp/G] | None)."""
+def _quantize_rows(w: Tensor, spec: QuantSpec, kp: int, dtype: torch.dtype, method: str, h: Tensor | None = None):
+    """w: [R, K] fp32 -> (codes uint8 [R, Kp], scale [R, Kp/G], zero [R, Kp/G] | None); h: [Kp] column weights
+    ("weighted": 0 on pad columns)."""
     r, k = w.shape
     if kp > k:  # repeat the last value: the pad cannot change a group's min / max
         w = torch.cat([w, w[:, -1:].expand(r, kp - k)], dim=1)
     g = w.view(r, kp // spec.group_size, spec.group_size)  # [R, groups, G]
+    if method == WEIGHTED:
+        scale, zero = _weighted_fit(g, h.view(-1, spec.group_size), spec, dtype)
+        codes = _codes(g, scale.float(), None if zero is None else zero.float(), spec)
+        return codes.view(r, kp).to(torch.uint8), scale, zero
     finfo = torch.finfo(dtype)
     floor = finfo.tiny  # a constant group has range 0: keep scale > 0, so no 0/0
     if spec.symmetric:
@@ -287,6 +302,60 @@ def _refit(g: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
     return out_s.view(r, groups).to(dtype), None if sym else out_z.view(r, groups).to(dtype)
 
 
+def _weighted_fit(g: Tensor, h: Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Each group's grid minimising sum_k h_k (w_k - w_hat_k)^2: from every clipped start (CLIP_STARTS), alternate
+    nearest codes and the weighted least-squares grid (REFIT_STEPS times), keep the best grid seen.
+
+    g: [R, groups, G] fp32; h: [groups, G] >= 0. Returns scale and zero in `dtype`, finite, scale > 0 (codes are
+    then taken against the stored values). Weights outside the grid are clamped to its ends: no scale / 2 bound.
+    """
+    half, sym = 1 << (spec.bits - 1), spec.symmetric
+    hw = h.expand_as(g)
+    lo, hi = g.amin(-1), g.amax(-1)
+    span = hi - lo
+    peak = torch.maximum(lo.abs(), hi.abs())
+    tiny, fmax = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    sum_h = hw.sum(-1)
+    best = None  # (error, scale, zero) per group
+
+    def stored(s, z):  # the values as they will be stored: finite, scale > 0
+        s = s.clamp(tiny, fmax / (2 * spec.qmax)).to(dtype).float()
+        return s, None if sym else z.clamp(-fmax / 2, fmax / 2).to(dtype).float()
+
+    for a in CLIP_STARTS:
+        for b in CLIP_STARTS if not sym else (0.0,):
+            if sym:  # one clip: the grid is symmetric about 0
+                s, z = stored(peak * (1 - a) / (half - 1), None)
+            else:
+                s, z = stored((span * (1 - a - b)) / spec.qmax, lo + a * span)
+            for _ in range(REFIT_STEPS):
+                q = _codes(g, s, z, spec)
+                d = (q - half) * s[..., None] if sym else q * s[..., None] + z[..., None]
+                err = (hw * (d - g).square()).sum(-1)
+                if best is None:
+                    best = (err, s, z)
+                else:
+                    win = err < best[0]
+                    best = (torch.where(win, err, best[0]), torch.where(win, s, best[1]),
+                            None if sym else torch.where(win, z, best[2]))
+                if sym:  # scale = sum(h c w) / sum(h c^2), c = q - half
+                    c = q - half
+                    den = (hw * c * c).sum(-1)
+                    s_new = (hw * c * g).sum(-1) / torch.where(den > 0, den, 1.0)
+                    ok = (den > 0) & (s_new > 0)
+                    s, z = stored(torch.where(ok, s_new, s), None)
+                else:  # the 2x2 normal equations of w ~ scale * q + zero, weighted by h
+                    sq, sqq = (hw * q).sum(-1), (hw * q * q).sum(-1)
+                    sw, sqw = (hw * g).sum(-1), (hw * q * g).sum(-1)
+                    den = sum_h * sqq - sq * sq
+                    safe = torch.where(den > 0, den, 1.0)
+                    s_new, z_new = (sum_h * sqw - sq * sw) / safe, (sqq * sw - sq * sqw) / safe
+                    ok = (den > 0) & (s_new > 0)
+                    s, z = stored(torch.where(ok, s_new, s), torch.where(ok, z_new, z))
+    _, s, z = best
+    return s.to(dtype), None if sym else z.to(dtype)
+
+
 def _sq_err(w: Tensor, q: Tensor, s: Tensor, z: Tensor | None, half: int) -> Tensor:
     """(w_hat - w)^2 elementwise, w_hat from codes q [A, G] and grid s, z [A] (z None: symmetric)."""
     d = (q - half).mul_(s[:, None]) if z is None else (q * s[:, None]).add_(z[:, None])
@@ -315,14 +384,19 @@ def unpack(qweight: Tensor, bits: int) -> Tensor:
     return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).view(qweight.shape[0], -1)
 
 
-def quantize(w: Tensor, spec: QuantSpec, chunk_rows: int | None = None, method: str = "refit") -> QuantizedWeight:
+def quantize(w: Tensor, spec: QuantSpec, chunk_rows: int | None = None, method: str = "refit",
+             channel_weights: Tensor | None = None) -> QuantizedWeight:
     """Quantize a Linear weight w [N, K] on its own device, `chunk_rows` rows at a time.
 
     method: "refit" (min/max grid, then a least-squares refit per group: lower error) or "rtn" (the min/max
-    grid alone: ~5x faster, higher error); see the module docstring. Same format and error bound either way.
+    grid alone: ~5x faster, higher error): same format and error bound either way; "weighted" with
+    `channel_weights` [K] (>= 0: how strongly each input column is driven): the grid that minimises the weighted
+    error, clipping allowed (see the module docstring).
     """
-    if method not in METHODS:
-        raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")
+    if method not in (*METHODS, WEIGHTED):
+        raise ValueError(f"quantize: method must be one of {(*METHODS, WEIGHTED)}, got {method!r}")
+    if (method == WEIGHTED) != (channel_weights is not None):
+        raise ValueError("quantize: method='weighted' takes channel_weights (one per input column), and only it")
     if w.dim() != 2:
         raise ValueError(f"quantize expects a 2-D [N, K] weight, got shape {list(w.shape)}")
     if w.dtype not in _FLOAT_DTYPES:
@@ -333,8 +407,15 @@ def quantize(w: Tensor, spec: QuantSpec, chunk_rows: int | None = None, method: 
     qweight = torch.empty(n, kp // spec.per_byte, dtype=torch.uint8, device=w.device)
     scale = torch.empty(n, kp // spec.group_size, dtype=w.dtype, device=w.device)
     zero = None if spec.symmetric else torch.empty_like(scale)
+    h = None
+    if channel_weights is not None:
+        if channel_weights.shape != (k,) or not bool((channel_weights >= 0).all()):
+            raise ValueError(f"quantize: channel_weights must be [{k}] and >= 0 (no NaN), got shape "
+                             f"{list(channel_weights.shape)}")
+        h = torch.zeros(kp, device=w.device)  # pad columns weigh nothing
+        h[:k] = channel_weights.float()
     for r0 in range(0, n, rows):
-        codes, s, z = _quantize_rows(w[r0 : r0 + rows].float(), spec, kp, w.dtype, method)
+        codes, s, z = _quantize_rows(w[r0 : r0 + rows].float(), spec, kp, w.dtype, method, h)
         qweight[r0 : r0 + rows] = _pack(codes, spec.bits)
         scale[r0 : r0 + rows] = s
         if zero is not None:

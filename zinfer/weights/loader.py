@@ -55,13 +55,17 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().nbytes() > t.nbytes else t
 
 
+def quantizable_linears(model: CausalLM) -> list[Linear]:
+    """The Linears quantization packs: those of the decoder layers not marked otherwise (embeddings, LM head,
+    norms and MoE routers stay dense), not yet packed."""
+    return [m for layer in model.decoder_layers() for m in layer.modules()
+            if isinstance(m, Linear) and m.quantizable and m.qspec is None]
+
+
 def quantize_shells(model: CausalLM, spec: QuantSpec, dtype) -> None:
-    """Make every quantizable Linear of the decoder layers packed (still empty): embeddings, LM head,
-    norms and MoE routers stay dense. Call before planning (sizes) and loading."""
-    for layer in model.decoder_layers():
-        for m in layer.modules():
-            if isinstance(m, Linear) and m.quantizable and m.qspec is None:
-                m.set_quantized(spec, dtype)
+    """Make every quantizable Linear packed (still empty). Call before planning (sizes) and loading."""
+    for m in quantizable_linears(model):
+        m.set_quantized(spec, dtype)
 
 
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], device, dtype,
