@@ -8,11 +8,11 @@ import torch
 
 import zinfer
 from helpers import PROMPTS, make_checkpoint, make_text_checkpoint
-from zinfer.calibrate import calibrate_quantize, input_second_moments
+from zinfer.calibrate import calibrate_quantize, fit_options, input_second_moments
 from zinfer.errors import InputError
 from zinfer.layers.linear import Linear
 from zinfer.perplexity import SAMPLE_TEXT
-from zinfer.quant import QuantSpec
+from zinfer.quant import QuantSpec, quantize
 from zinfer.weights.loader import quantizable_linears
 
 PARAMS = zinfer.SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -30,7 +30,12 @@ def test_calibrated_model_is_packed_runs_saves_and_loads(kind, tmp_path):
     llm = zinfer.LLM(str(tmp_path / "dense"), device="cpu")
     dense_logprobs = llm.score([PROMPTS[0]])[0]
     targets = quantizable_linears(llm.model)
+    moments = input_second_moments(llm, IDS, targets)
+    last = targets[-2:]  # the last layer's last two Linears (e.g. up_proj, down_proj): each with its own moments
+    expected_codes = [quantize(m.weight.detach().clone(), SPEC, **fit_options(moments[m], "cpu")).qweight
+                      for m in last]
     calibrate_quantize(llm, IDS, SPEC)
+    assert all(torch.equal(m.qweight, codes) for m, codes in zip(last, expected_codes))
     assert llm.quant == SPEC and all(m.qspec == SPEC and not hasattr(m, "weight") for m in targets)
     assert quantizable_linears(llm.model) == []  # nothing left dense that should be packed
     assert llm.model.lm_head.qspec is None  # the head stays dense, as at load
@@ -59,9 +64,14 @@ def test_a_layer_no_token_reached_is_fitted_on_its_weights(tmp_path, monkeypatch
                         lambda *a: {m: h for m, h in measure(*a).items() if m is not expert})
     dense = expert.weight.detach().clone()
     calibrate_quantize(llm, IDS, SPEC)
-    from zinfer.quant import quantize
-
     assert torch.equal(expert.qweight, quantize(dense, SPEC).qweight)  # the load-time (refit) packing
+
+
+def test_fit_options():
+    assert fit_options(None, "cpu") == {"method": "refit"}  # the text never reached the layer
+    assert fit_options(torch.zeros(4), "cpu") == {"method": "refit"}
+    got = fit_options(torch.tensor([0.0, 1.0, 3.0, 0.0, 2.0]), "cpu")
+    assert got["method"] == "weighted" and got["channel_weights"].tolist() == [2.0, 1.0, 3.0, 2.0, 2.0]  # 0 -> median
 
 
 def test_moments_are_each_linears_input(tmp_path):

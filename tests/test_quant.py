@@ -343,7 +343,7 @@ def test_weighted_fit_lowers_the_weighted_error(spec, dtype):
     qw = quantize(w, spec, method="weighted", channel_weights=h)
     fitted = dequantize(qw, torch.float32)
     err = lambda a: ((a - w.float()) ** 2 * h).sum().item()  # noqa: E731
-    assert err(fitted) < 0.9 * err(plain)
+    assert err(fitted) < 0.75 * err(plain)  # (the same fit with h ignored reaches 0.86 at best)
     assert qw.scale.dtype == dtype and torch.isfinite(qw.scale).all() and (qw.scale > 0).all()
     assert torch.equal(quantize(w, spec, method="weighted", channel_weights=h).qweight, qw.qweight)  # deterministic
 
@@ -353,12 +353,12 @@ def test_weighted_fit_edge_groups():
     w = torch.randn(4, 64)
     w[0, :32] = 0.75  # a constant group is exact
     h = torch.ones(64)
-    h[32:] = 0.0  # undriven columns: the min/max grid, which covers the group
-    out = dequantize(quantize(w, spec, method="weighted", channel_weights=h), torch.float32)
+    h[32:] = 0.0  # undriven columns: the refit grid it starts from, which covers the group
+    qw = quantize(w, spec, method="weighted", channel_weights=h)
+    out = dequantize(qw, torch.float32)
     assert torch.equal(out[0, :32], w[0, :32])
-    groups = w[:, 32:]
-    step = (groups.amax(1) - groups.amin(1)) / 15
-    assert ((out[:, 32:] - groups).abs() <= step[:, None] / 2 + 1e-6).all()
+    assert torch.equal(qw.scale[:, 1], quantize(w, spec).scale[:, 1])
+    assert ((out[:, 32:] - w[:, 32:]).abs() <= qw.scale[:, 1:].float() / 2 + 1e-6).all()
 
 
 def test_weighted_fit_errors():
@@ -367,7 +367,8 @@ def test_weighted_fit_errors():
         quantize(w, spec, method="weighted")
     with pytest.raises(ValueError, match="method='weighted' takes channel_weights"):
         quantize(w, spec, channel_weights=torch.ones(64))
-    with pytest.raises(ValueError, match=r"channel_weights must be \[64\] and >= 0 \(no NaN\), got shape \[32\]"):
+    with pytest.raises(ValueError, match=r"channel_weights must be \[64\], finite and >= 0, got shape \[32\]"):
         quantize(w, spec, method="weighted", channel_weights=torch.ones(32))
-    with pytest.raises(ValueError, match=r"channel_weights must be \[64\] and >= 0"):
-        quantize(w, spec, method="weighted", channel_weights=torch.full((64,), float("nan")))
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=r"channel_weights must be \[64\], finite and >= 0"):
+            quantize(w, spec, method="weighted", channel_weights=torch.full((64,), bad))

@@ -15,10 +15,13 @@ lets a grid clip extremes that rarely meet a large input. SmolLM2-135M int4 g64 
 rank): calibrate once where it fits, save, and load the quantized checkpoint anywhere.
 """
 
+import torch
+
 from zinfer.api import LLM
 from zinfer.errors import InputError
 from zinfer.layers.linear import MergedLinears
-from zinfer.quant import QuantSpec
+from zinfer.quant import QuantSpec, quantize
+from zinfer.runtime.batch import PaddedBatch
 from zinfer.weights.loader import quantizable_linears
 
 CALIBRATION_TOKENS = 2048
@@ -43,14 +46,26 @@ def input_second_moments(llm: LLM, ids: list[int], linears) -> dict:
     hooks = [m.register_forward_pre_hook(record) for m in linears]
     for group in merged:
         group.unfuse()
+    batch = PaddedBatch.from_prompts([ids], llm.pad_token_id, len(ids), llm.device)
     try:
-        llm.score([ids])
+        with torch.inference_mode():  # only the hooks matter: the last position's logits, not the text's
+            llm.model(batch.tokens, llm.engine.new_cache(1, len(ids)), batch.prefill_inputs(llm.model.sliding_window))
     finally:
         for h in hooks:
             h.remove()
         for group in merged:
             group.fuse()
     return {m: total / count for m, (total, count) in sums.items()}
+
+
+def fit_options(moments: torch.Tensor | None, device) -> dict:
+    """quantize()'s method for a layer with these input moments: the weighted fit, where a column the text never
+    drove (E[x^2] = 0: a unit that stayed off, a pad) weighs as a median column instead of nothing, since other
+    text will drive it; the weights-only refit for a layer the text never reached (an MoE expert no token chose)."""
+    if moments is None or not bool((moments > 0).any()):
+        return dict(method="refit")
+    h = torch.where(moments > 0, moments, moments[moments > 0].median())
+    return dict(method="weighted", channel_weights=h.to(device))
 
 
 def calibrate_quantize(llm: LLM, text: str | list[int], spec: QuantSpec, tokens: int = CALIBRATION_TOKENS) -> LLM:
@@ -66,10 +81,11 @@ def calibrate_quantize(llm: LLM, text: str | list[int], spec: QuantSpec, tokens:
         raise InputError("the calibration text needs at least two tokens")
     linears = quantizable_linears(llm.model)
     moments = input_second_moments(llm, ids, linears)
-    for m in linears:  # a layer the text never reached (an MoE expert no token was routed to): weights only
-        dense = m.weight.detach()
-        m.set_quantized(spec, dense.dtype)
-        m.load_weight(dense, dense.device, dense.dtype, channel_weights=moments.get(m))
+    on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    packed = [quantize(m.weight.detach().to(on), spec, **fit_options(moments.get(m), on)).to(m.weight.device)
+              for m in linears]  # all of them before any is swapped in: a failure leaves the model dense
+    for m, qw in zip(linears, packed):
+        m.set_packed(qw)
     for group in merged_linears(llm.model):  # q/k/v and gate/up fused again, over the packed members
         group.fuse()
     llm.quant = spec

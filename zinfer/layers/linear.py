@@ -51,11 +51,16 @@ class Linear(nn.Module):
         on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         method, h = ("refit", None) if channel_weights is None else ("weighted", channel_weights.to(on))
         qw = quantize(dense.to(device=on, dtype=dtype), self.qspec, method=method, channel_weights=h).to(device)
-        names = []
+        return self.set_packed(qw)
+
+    def set_packed(self, qw: QuantizedWeight) -> list[str]:
+        """Take packed tensors made elsewhere (a dense weight, if any, is dropped); returns their names."""
+        if hasattr(self, "weight"):
+            del self.weight
+        self.qspec = qw.spec
         for name, t in qw.tensors().items():
             setattr(self, name, nn.Parameter(t, requires_grad=False))
-            names.append(name)
-        return names
+        return list(qw.tensors())
 
     @property
     def packed(self) -> QuantizedWeight:

@@ -25,8 +25,9 @@ One method gives up the bound for the layer's output instead of its weights, and
   "weighted"  `channel_weights` h [K] (E[x_k^2] of the layer's input over calibration text, see
            zinfer.calibrate) weigh each column's error: each group's grid minimises sum_k h_k (w_k - w_hat_k)^2,
            the expected squared output error of the group's columns for uncorrelated inputs, searched from
-           several clipped [min, max] starts (`_weighted_fit`). Clipping rarely-driven extremes pays there; it
-           does not when every column counts the same (see `_refit`).
+           the "refit" grid (so never worse than it on that error) and several clipped [min, max] starts
+           (`_weighted_fit`). Clipping rarely-driven extremes pays there; it does not when every column counts
+           the same (see `_refit`).
 
 The same tensors are used in GPU memory, pinned host memory, on NVMe and over PCIe.
 """
@@ -173,10 +174,6 @@ def _quantize_rows(w: Tensor, spec: QuantSpec, kp: int, dtype: torch.dtype, meth
     if kp > k:  # repeat the last value: the pad cannot change a group's min / max
         w = torch.cat([w, w[:, -1:].expand(r, kp - k)], dim=1)
     g = w.view(r, kp // spec.group_size, spec.group_size)  # [R, groups, G]
-    if method == WEIGHTED:
-        scale, zero = _weighted_fit(g, h.view(-1, spec.group_size), spec, dtype)
-        codes = _codes(g, scale.float(), None if zero is None else zero.float(), spec)
-        return codes.view(r, kp).to(torch.uint8), scale, zero
     finfo = torch.finfo(dtype)
     floor = finfo.tiny  # a constant group has range 0: keep scale > 0, so no 0/0
     if spec.symmetric:
@@ -187,10 +184,12 @@ def _quantize_rows(w: Tensor, spec: QuantSpec, kp: int, dtype: torch.dtype, meth
         zero = _round_down(g.amin(-1), dtype)
         rng = g.amax(-1) - zero.float()
         scale = _store_scale(_div(rng, spec.qmax), zero.float(), spec.qmax, floor, finfo.max, dtype)
-    if method == "refit":
+    if method != "rtn":
         # pad columns are copies, not weights: they must not count in a group's fit or error
         valid = None if kp == k else (torch.arange(kp, device=w.device) < k).to(g.dtype).view(-1, spec.group_size)
         scale, zero = _refit(g, scale, zero, spec, valid)
+    if method == WEIGHTED:  # from the refit grid too: never worse than it on the weighted error
+        scale, zero = _weighted_fit(g, h.view(-1, spec.group_size), spec, dtype, (scale, zero))
     codes = _codes(g, scale.float(), None if zero is None else zero.float(), spec)
     return codes.view(r, kp).to(torch.uint8), scale, zero
 
@@ -302,9 +301,11 @@ def _refit(g: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
     return out_s.view(r, groups).to(dtype), None if sym else out_z.view(r, groups).to(dtype)
 
 
-def _weighted_fit(g: Tensor, h: Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """Each group's grid minimising sum_k h_k (w_k - w_hat_k)^2: from every clipped start (CLIP_STARTS), alternate
-    nearest codes and the weighted least-squares grid (REFIT_STEPS times), keep the best grid seen.
+def _weighted_fit(g: Tensor, h: Tensor, spec: QuantSpec, dtype: torch.dtype,
+                  seed: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    """Each group's grid minimising sum_k h_k (w_k - w_hat_k)^2: from `seed` (the stored refit grid) and every
+    clipped start (CLIP_STARTS), alternate nearest codes and the weighted least-squares grid (REFIT_STEPS times),
+    keep the best grid seen (the seed is seen first: never worse than it).
 
     g: [R, groups, G] fp32; h: [groups, G] >= 0. Returns scale and zero in `dtype`, finite, scale > 0 (codes are
     then taken against the stored values). Weights outside the grid are clamped to its ends: no scale / 2 bound.
@@ -315,43 +316,46 @@ def _weighted_fit(g: Tensor, h: Tensor, spec: QuantSpec, dtype: torch.dtype) -> 
     span = hi - lo
     peak = torch.maximum(lo.abs(), hi.abs())
     tiny, fmax = torch.finfo(dtype).tiny, torch.finfo(dtype).max
-    sum_h = hw.sum(-1)
+    sum_h, sw = hw.sum(-1), (hw * g).sum(-1)
     best = None  # (error, scale, zero) per group
 
     def stored(s, z):  # the values as they will be stored: finite, scale > 0
         s = s.clamp(tiny, fmax / (2 * spec.qmax)).to(dtype).float()
         return s, None if sym else z.clamp(-fmax / 2, fmax / 2).to(dtype).float()
 
-    for a in CLIP_STARTS:
-        for b in CLIP_STARTS if not sym else (0.0,):
-            if sym:  # one clip: the grid is symmetric about 0
-                s, z = stored(peak * (1 - a) / (half - 1), None)
-            else:
-                s, z = stored((span * (1 - a - b)) / spec.qmax, lo + a * span)
-            for _ in range(REFIT_STEPS):
-                q = _codes(g, s, z, spec)
-                d = (q - half) * s[..., None] if sym else q * s[..., None] + z[..., None]
-                err = (hw * (d - g).square()).sum(-1)
-                if best is None:
-                    best = (err, s, z)
+    def starts():
+        yield seed[0].float(), None if sym else seed[1].float()
+        for a in CLIP_STARTS:
+            for b in CLIP_STARTS if not sym else (0.0,):
+                if sym:  # one clip: the grid is symmetric about 0
+                    yield stored(peak * (1 - a) / (half - 1), None)
                 else:
-                    win = err < best[0]
-                    best = (torch.where(win, err, best[0]), torch.where(win, s, best[1]),
-                            None if sym else torch.where(win, z, best[2]))
-                if sym:  # scale = sum(h c w) / sum(h c^2), c = q - half
-                    c = q - half
-                    den = (hw * c * c).sum(-1)
-                    s_new = (hw * c * g).sum(-1) / torch.where(den > 0, den, 1.0)
-                    ok = (den > 0) & (s_new > 0)
-                    s, z = stored(torch.where(ok, s_new, s), None)
-                else:  # the 2x2 normal equations of w ~ scale * q + zero, weighted by h
-                    sq, sqq = (hw * q).sum(-1), (hw * q * q).sum(-1)
-                    sw, sqw = (hw * g).sum(-1), (hw * q * g).sum(-1)
-                    den = sum_h * sqq - sq * sq
-                    safe = torch.where(den > 0, den, 1.0)
-                    s_new, z_new = (sum_h * sqw - sq * sw) / safe, (sqq * sw - sq * sqw) / safe
-                    ok = (den > 0) & (s_new > 0)
-                    s, z = stored(torch.where(ok, s_new, s), torch.where(ok, z_new, z))
+                    yield stored((span * (1 - a - b)) / spec.qmax, lo + a * span)
+
+    for s, z in starts():
+        for _ in range(REFIT_STEPS):
+            q = _codes(g, s, z, spec)
+            d = (q - half) * s[..., None] if sym else q * s[..., None] + z[..., None]
+            err = (hw * (d - g).square()).sum(-1)
+            if best is None:
+                best = (err, s, z)
+            else:
+                win = err < best[0]
+                best = (torch.where(win, err, best[0]), torch.where(win, s, best[1]),
+                        None if sym else torch.where(win, z, best[2]))
+            if sym:  # scale = sum(h c w) / sum(h c^2), c = q - half
+                c = q - half
+                den = (hw * c * c).sum(-1)
+                s_new = (hw * c * g).sum(-1) / torch.where(den > 0, den, 1.0)
+                ok = (den > 0) & (s_new > 0)
+                s, z = stored(torch.where(ok, s_new, s), None)
+            else:  # the 2x2 normal equations of w ~ scale * q + zero, weighted by h
+                sq, sqq, sqw = (hw * q).sum(-1), (hw * q * q).sum(-1), (hw * q * g).sum(-1)
+                den = sum_h * sqq - sq * sq
+                safe = torch.where(den > 0, den, 1.0)
+                s_new, z_new = (sum_h * sqw - sq * sw) / safe, (sqq * sw - sq * sqw) / safe
+                ok = (den > 0) & (s_new > 0)
+                s, z = stored(torch.where(ok, s_new, s), torch.where(ok, z_new, z))
     _, s, z = best
     return s.to(dtype), None if sym else z.to(dtype)
 
@@ -409,8 +413,8 @@ def quantize(w: Tensor, spec: QuantSpec, chunk_rows: int | None = None, method: 
     zero = None if spec.symmetric else torch.empty_like(scale)
     h = None
     if channel_weights is not None:
-        if channel_weights.shape != (k,) or not bool((channel_weights >= 0).all()):
-            raise ValueError(f"quantize: channel_weights must be [{k}] and >= 0 (no NaN), got shape "
+        if channel_weights.shape != (k,) or not bool(((channel_weights >= 0) & channel_weights.isfinite()).all()):
+            raise ValueError(f"quantize: channel_weights must be [{k}], finite and >= 0, got shape "
                              f"{list(channel_weights.shape)}")
         h = torch.zeros(kp, device=w.device)  # pad columns weigh nothing
         h[:k] = channel_weights.float()
