@@ -16,6 +16,7 @@ import traceback
 
 import torch
 
+from zinfer.bench.cli import comma_list
 from zinfer.bench.compare import COLUMNS, compare, describe
 from zinfer.bench.metrics import BenchConfig
 from zinfer.bench.peers import PEER_NAMES, select_peers
@@ -32,14 +33,6 @@ CASES = {
 }
 
 
-def names(text: str, known) -> list[str]:
-    chosen = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    return chosen
-
-
 def run_case(name: str, args) -> dict:
     case = CASES[name]
     config = BenchConfig(model=args.model, dummy=True, loops=args.loops, verbose=0, **case["config"])
@@ -51,8 +44,8 @@ def run_case(name: str, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=lambda t: names(t, CASES), default=list(CASES), help="comma-separated")
-    ap.add_argument("--peers", type=lambda t: names(t, PEER_NAMES), default=None,
+    ap.add_argument("--cases", type=comma_list(CASES, "case"), default=list(CASES), help="comma-separated")
+    ap.add_argument("--peers", type=comma_list(PEER_NAMES, "peer"), default=None,
                     help=f"comma-separated (default: all of {', '.join(PEER_NAMES)})")
     ap.add_argument("--loops", type=int, default=3, help="timed runs per system; the last counts, as the seed")
     ap.add_argument("--model", default="llama-3-8b")

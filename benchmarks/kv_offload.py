@@ -198,7 +198,8 @@ def sweep(llm, args, bandwidths, results, start) -> None:
     rows = []
     for case in args.cases.split(","):
         use_case(llm, case, bandwidths)
-        auto = kv_policy(EngineConfig(offload="cpu", kv_offload=True), llm.device, llm.plan, bandwidths)
+        auto = kv_policy(EngineConfig(offload="cpu", kv_offload=True, pin_kv_cache=True), llm.device, llm.plan,
+                         bandwidths)
         if CASES[case].get("kv_attention") in ("cpu", "split") and CASES[case].get("compile") is not False:
             # compile attention on the CPU once (dynamic shapes: one compile serves every batch) outside the timing
             t = time.perf_counter()

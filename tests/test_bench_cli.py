@@ -351,6 +351,14 @@ def test_a_bug_in_zinfer_propagates_naming_the_workload(tiny, monkeypatch):
                                     "quant_bits=16, dummy=False"]
 
 
+def test_select_peers_refuses_unknown_names():
+    from zinfer.bench.peers import select_peers
+
+    assert [p.name for p in select_peers(["deepspeed", "transformers"])] == ["transformers", "deepspeed"]
+    with pytest.raises(ValueError, match=r"unknown peer vllm; choose from transformers, accelerate, deepspeed"):
+        select_peers(["transformers", "vllm"])
+
+
 def test_compare_benchmark_writes_one_json_per_case(tiny, tmp_path, monkeypatch, capsys):
     # benchmarks/compare.py on the CPU: its cases shrunk to the tiny model's size
     spec = importlib.util.spec_from_file_location("compare_bench", ROOT / "benchmarks" / "compare.py")
@@ -369,6 +377,9 @@ def test_compare_benchmark_writes_one_json_per_case(tiny, tmp_path, monkeypatch,
     assert [r["system"] for r in report["rows"]] == ["zinfer", "transformers"]
     assert all(r["status"] == "ok" and r["zinfer_total_ratio"] > 0 for r in report["rows"])
     assert json.loads((tmp_path / "compare_tiny-offload.json").read_text())["workload"]["offload"] == "cpu"
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "tiny,huge"])
+    assert "unknown case huge; choose from tiny, tiny-offload" in capsys.readouterr().err
 
 
 def test_peer_times_prefill_and_total_in_one_generate(tiny):

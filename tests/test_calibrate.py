@@ -32,7 +32,7 @@ def test_calibrated_model_is_packed_runs_saves_and_loads(kind, tmp_path):
     targets = quantizable_linears(llm.model)
     moments = input_second_moments(llm, IDS, targets)
     last = targets[-2:]  # the last layer's last two Linears (e.g. up_proj, down_proj): each with its own moments
-    expected_codes = [quantize(m.weight.detach().clone(), SPEC, **fit_options(moments[m], "cpu")).qweight
+    expected_codes = [quantize(m.weight.detach().clone(), SPEC, **fit_options(moments[m])).qweight
                       for m in last]
     calibrate_quantize(llm, IDS, SPEC)
     assert all(torch.equal(m.qweight, codes) for m, codes in zip(last, expected_codes))
@@ -68,9 +68,9 @@ def test_a_layer_no_token_reached_is_fitted_on_its_weights(tmp_path, monkeypatch
 
 
 def test_fit_options():
-    assert fit_options(None, "cpu") == {"method": "refit"}  # the text never reached the layer
-    assert fit_options(torch.zeros(4), "cpu") == {"method": "refit"}
-    got = fit_options(torch.tensor([0.0, 1.0, 3.0, 0.0, 2.0]), "cpu")
+    assert fit_options(None) == {"method": "refit"}  # the text never reached the layer
+    assert fit_options(torch.zeros(4)) == {"method": "refit"}
+    got = fit_options(torch.tensor([0.0, 1.0, 3.0, 0.0, 2.0]))
     assert got["method"] == "weighted" and got["channel_weights"].tolist() == [2.0, 1.0, 3.0, 2.0, 2.0]  # 0 -> median
 
 

@@ -255,6 +255,14 @@ def test_plan_text():
     assert "largest batch for 512+32 tokens: " in text and "offloaded (200.0 GiB host memory free" in text
     plain = kv_plan_text(model, torch.float16, EngineConfig(), 512, 32, 20 * GiB, 200 * GiB)
     assert plain.startswith("KV cache: on the compute device\nlargest batch")
+    # a large batch splits over a pinned cache, as the runtime would; unpinned the runtime never splits: nor does plan
+    bw = Bandwidths(pcie=50e9, host_memory=100e9, cpu_flops=1e12, host_read=80e9)
+    pinned = kv_plan_text(model, torch.float16, options, 512, 32, 20 * GiB, 200 * GiB, batch=62, bandwidths=bw,
+                          streamed_bytes=34 * GiB, host_compiled=True)
+    assert "decode attention on split: auto: " in pinned
+    unpinned = kv_plan_text(model, torch.float16, EngineConfig(offload="cpu", kv_offload=True), 512, 32, 20 * GiB,
+                            200 * GiB, batch=62, bandwidths=bw, streamed_bytes=34 * GiB, host_compiled=True)
+    assert "decode attention on split" not in unpinned and "(a CPU compute device or an unpinned cache)" in unpinned
 
 
 # --- option and memory errors -----------------------------------------------------------------------------

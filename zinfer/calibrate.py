@@ -19,23 +19,18 @@ import torch
 
 from zinfer.api import LLM
 from zinfer.errors import InputError
-from zinfer.layers.linear import MergedLinears
-from zinfer.quant import QuantSpec, quantize
+from zinfer.layers.linear import quantize_here
+from zinfer.quant import QuantSpec
 from zinfer.runtime.batch import PaddedBatch
-from zinfer.weights.loader import quantizable_linears
+from zinfer.weights.loader import merged_groups, quantizable_linears
 
 CALIBRATION_TOKENS = 2048
-
-
-def merged_linears(model) -> list[MergedLinears]:
-    return [v for layer in model.decoder_layers() for m in layer.modules() for v in vars(m).values()
-            if isinstance(v, MergedLinears)]
 
 
 def input_second_moments(llm: LLM, ids: list[int], linears) -> dict:
     """{linear: E[x_k^2] [in]} over the tokens of one forward pass of `ids`. Fused q/k/v and gate/up matmuls are
     unfused meanwhile, so that each member sees its input."""
-    merged = merged_linears(llm.model)
+    merged = merged_groups(llm.model)
     sums = {}
 
     def record(module, args):
@@ -58,14 +53,14 @@ def input_second_moments(llm: LLM, ids: list[int], linears) -> dict:
     return {m: total / count for m, (total, count) in sums.items()}
 
 
-def fit_options(moments: torch.Tensor | None, device) -> dict:
+def fit_options(moments: torch.Tensor | None) -> dict:
     """quantize()'s method for a layer with these input moments: the weighted fit, where a column the text never
     drove (E[x^2] = 0: a unit that stayed off, a pad) weighs as a median column instead of nothing, since other
     text will drive it; the weights-only refit for a layer the text never reached (an MoE expert no token chose)."""
     if moments is None or not bool((moments > 0).any()):
         return dict(method="refit")
     h = torch.where(moments > 0, moments, moments[moments > 0].median())
-    return dict(method="weighted", channel_weights=h.to(device))
+    return dict(method="weighted", channel_weights=h)
 
 
 def calibrate_quantize(llm: LLM, text: str | list[int], spec: QuantSpec, tokens: int = CALIBRATION_TOKENS) -> LLM:
@@ -81,12 +76,12 @@ def calibrate_quantize(llm: LLM, text: str | list[int], spec: QuantSpec, tokens:
         raise InputError("the calibration text needs at least two tokens")
     linears = quantizable_linears(llm.model)
     moments = input_second_moments(llm, ids, linears)
-    on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    packed = [quantize(m.weight.detach().to(on), spec, **fit_options(moments.get(m), on)).to(m.weight.device)
-              for m in linears]  # all of them before any is swapped in: a failure leaves the model dense
+    # all of them before any is swapped in: a failure (inf weights, out of memory) leaves the model dense
+    packed = [quantize_here(m.weight.detach(), spec, m.weight.dtype, m.weight.device, **fit_options(moments.get(m)))
+              for m in linears]
     for m, qw in zip(linears, packed):
         m.set_packed(qw)
-    for group in merged_linears(llm.model):  # q/k/v and gate/up fused again, over the packed members
+    for group in merged_groups(llm.model):  # q/k/v and gate/up fused again, over the packed members
         group.fuse()
     llm.quant = spec
     llm.engine.release()  # compiled steps and graphs were made for the dense weights

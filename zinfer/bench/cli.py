@@ -146,19 +146,22 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                               epilog=COMPARE_EXAMPLES, formatter_class=HelpFormatter)
     add_model_flags(p)
     add_workload_flags(p)
-    p.add_argument("--peers", type=peer_names, default=None, metavar="NAMES",
+    p.add_argument("--peers", type=comma_list(PEER_NAMES, "peer"), default=None, metavar="NAMES",
                    help=f"comma-separated peers to run (default: all of {', '.join(PEER_NAMES)})")
     p.add_argument("--json", action="store_true", help="print one JSON object with a list of rows")
     p.set_defaults(run=run_compare)
     return p
 
 
-def peer_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PEER_NAMES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
-    return names
+def comma_list(known, what: str):
+    """An argparse type: comma-separated names, each one of `known` (else the error names the unknown ones)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+        return names
+    return parse
 
 
 def register(subparsers) -> None:

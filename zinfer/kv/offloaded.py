@@ -381,10 +381,9 @@ class SplitKVCache:
             part.write(layer, k[rows], v[rows], slots, kv_len)
         return k.to(self.dtype), v.to(self.dtype)
 
-    def attend(self, layer: int, q, k, v, inp, bias, fn):
-        if inp.kv_len == k.shape[2]:  # a one-token prompt: a prefill
-            keys, values = self.write(layer, k, v, inp.slots, inp.kv_len)
-            return fn(q, keys, values, inp.mask, bias)
+    attend = OffloadedKVCache.attend  # a one-token prompt is a prefill (write); anything else attend_decode
+
+    def attend_decode(self, layer: int, q, k, v, inp, bias, fn):
         (dev_mask, host_mask), (dev_bias, host_bias) = self.rows_of(inp.mask, bias)
         host, rows = self.on_host, self.parts[1][1]
         staged = host.stage_inputs(q[rows], k[rows], v[rows], replace(inp, mask=host_mask), host_bias)

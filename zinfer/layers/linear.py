@@ -12,6 +12,12 @@ from zinfer.layers import gemv
 from zinfer.quant import QuantizedWeight, QuantSpec, quant_matmul, quantize
 
 
+def quantize_here(dense: torch.Tensor, spec: QuantSpec, dtype, device, **fit) -> QuantizedWeight:
+    """quantize(dense in `dtype`, spec, **fit), computed on the GPU when there is one, the result on `device`."""
+    on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return quantize(dense.to(device=on, dtype=dtype), spec, **fit).to(device)
+
+
 class Linear(nn.Module):
     """Dense: `weight` [out, in] as in the checkpoint. Quantized (`set_quantized`): `qweight`, `scale`
     (and `zero`) in the group-wise format of zinfer.quant, filled from a dense checkpoint tensor by
@@ -45,13 +51,9 @@ class Linear(nn.Module):
                 torch.empty(n, kp // spec.group_size, dtype=dtype), requires_grad=False)
         self.qspec = spec
 
-    def load_weight(self, dense: torch.Tensor, device, dtype, channel_weights: torch.Tensor | None = None) -> list[str]:
-        """Quantize a dense [out, in] checkpoint tensor (on the GPU when there is one) into place; with
-        `channel_weights` [in] (E[x^2] of each input column, see zinfer.calibrate) by the weighted fit."""
-        on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        method, h = ("refit", None) if channel_weights is None else ("weighted", channel_weights.to(on))
-        qw = quantize(dense.to(device=on, dtype=dtype), self.qspec, method=method, channel_weights=h).to(device)
-        return self.set_packed(qw)
+    def load_weight(self, dense: torch.Tensor, device, dtype) -> list[str]:
+        """Quantize a dense [out, in] checkpoint tensor into place."""
+        return self.set_packed(quantize_here(dense, self.qspec, dtype, device))
 
     def set_packed(self, qw: QuantizedWeight) -> list[str]:
         """Take packed tensors made elsewhere (a dense weight, if any, is dropped); returns their names."""

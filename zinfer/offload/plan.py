@@ -420,7 +420,7 @@ def kv_plan_text(model: nn.Module, dtype: torch.dtype, options: EngineConfig, pr
     seq = prompt_len + gen_len
     bw = bandwidths or Bandwidths()
     policy = KVPolicy(options.kv_offload, options.pin_kv_cache, options.async_kv_offload, options.kv_attention,
-                      bw, streamed_bytes, host_compiled)
+                      bw, streamed_bytes, host_compiled, concurrent=options.pin_kv_cache)  # planned for a GPU
     lines = [policy.describe()]
     shape = kv_shape(model, dtype)
     on_gpu = max_batch(model, dtype, seq, free_gpu_bytes, free_host_bytes, False, prompt_len=prompt_len)
