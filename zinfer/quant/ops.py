@@ -2,7 +2,8 @@
 
 Dispatch:
   CUDA x (fp16/bf16) and Triton importable -> Triton (triton_kernels.py), by M = rows of x:
-      M <= TUNED_MAX_M: the fastest of the fused GEMVs and the small GEMM, timed once per shape (decode);
+      M <= TUNED_MAX_M: the fastest of the fused GEMVs (CUDA-core and tensor-core) and the small GEMM, timed once
+                        per shape (decode);
       M < DEQUANT_MIN_M: fused tensor-core GEMM;
       larger M (compute-bound prefill): Triton dequantize kernel into a scratch weight + cuBLAS.
   otherwise -> torch fallback: dequantize a block of rows, matmul, next block; peak extra

@@ -13,6 +13,12 @@ Dispatch by M = rows of x:
                 tile's loads in registers. BLOCK_M rows of x per program share each decoded code; the grid
                 also runs over M, those programs sharing a weight tile through L2. Needs group_size * bits
                 a multiple of 32 (64 for WIDE: whole words per group).
+      "mma"     tensor-core GEMV (_gemv_mma_kernel, M <= MMA_MAX_M = 8): 16 weight rows times the rows of x as
+                the 8 columns of one m16n8k16 MMA, written as inline PTX on per-lane fragments. A pair of codes
+                becomes a pair of 16-bit floats C + q by one shift and one LOP3; the MMA sums them times x in
+                fp32, and each group's scale and zero are folded in after its chain: 2.5-3.1 SASS instructions
+                per int4 code in the main loop (offline sm_90 build), the word kernel's 4.1 spent on CUDA cores.
+                Needs group_size * bits a multiple of 256.
       "groups"  group GEMV (_gemv_kernel, M <= GEMV_MAX_M): a tile is [BLOCK_N rows, GROUPS groups, GB bytes
                 of one group]; the scale is factored out of each group's sum. Any group size.
       "gemm"    the tensor-core kernel below with its fixed small-M config.
@@ -331,6 +337,254 @@ def _gemv_words_kernel(
 
 
 @triton.jit
+def _prmt(a, b, HIGH: tl.constexpr, ASM: tl.constexpr):
+    # Two 16-bit halves joined: (a.lo, b.lo), or (a.hi, b.hi) when HIGH; one PRMT.
+    if ASM:
+        if HIGH:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)  # fmt: skip
+        else:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)  # fmt: skip
+    elif HIGH:
+        return ((a >> 16) & 0xFFFF) | (b & -65536)
+    else:
+        return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, X_BF16: tl.constexpr, ASM: tl.constexpr):
+    # One warp's m16n8k16 tensor-core product, D = A B + C with fp32 C/D, on the PTX fragments: the operands are
+    # [32 * warps] tensors, element i held by thread i (lane = i % 32, g = lane // 4, t = lane % 4). A's registers
+    # hold 16-bit pairs (row g, k 2t..2t+1), (row g+8, same k), (row g, k 2t+8..2t+9), (row g+8, ...); B's
+    # (k 2t..2t+1, column g), (k 2t+8..2t+9, column g); C and D (row g, columns 2t, 2t+1), (row g+8, same).
+    # Without ASM (Triton's interpreter) the same product is computed from those layouts with plain ops.
+    if ASM:
+        if X_BF16:
+            return tl.inline_asm_elementwise(
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                "{$10,$11,$12,$13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32,) * 4, is_pure=True, pack=1)  # fmt: skip
+        else:
+            return tl.inline_asm_elementwise(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                "{$10,$11,$12,$13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32,) * 4, is_pure=True, pack=1)  # fmt: skip
+    else:
+        W: tl.constexpr = a0.shape[0] // 32
+        top = _emulated_rows(a0, a2, b0, b1, X_BF16)  # [W, 8 rows g, 8 columns]
+        bottom = _emulated_rows(a1, a3, b0, b1, X_BF16)
+        d0, d1 = tl.split(tl.reshape(top, (W, 8, 4, 2)))  # columns 2t, 2t + 1 of lane (g, t)
+        d2, d3 = tl.split(tl.reshape(bottom, (W, 8, 4, 2)))
+        n: tl.constexpr = 32 * W
+        return (c0 + tl.reshape(d0, (n,)), c1 + tl.reshape(d1, (n,)), c2 + tl.reshape(d2, (n,)),
+                c3 + tl.reshape(d3, (n,)))  # fmt: skip
+
+
+@triton.jit
+def _emulated_rows(a_lo_k, a_hi_k, b0, b1, X_BF16: tl.constexpr):
+    # [W, 8, 8]: out[w, g, n] = sum over t and the four k slots of A (lanes (g, t)) times B (lanes (n, t)).
+    W: tl.constexpr = a_lo_k.shape[0] // 32
+    a0, a1 = _x_halves(a_lo_k, X_BF16)
+    a2, a3 = _x_halves(a_hi_k, X_BF16)
+    p0, p1 = _x_halves(b0, X_BF16)
+    p2, p3 = _x_halves(b1, X_BF16)
+    out = tl.sum(tl.reshape(a0, (W, 8, 1, 4)) * tl.reshape(p0, (W, 1, 8, 4)), axis=3)
+    out += tl.sum(tl.reshape(a1, (W, 8, 1, 4)) * tl.reshape(p1, (W, 1, 8, 4)), axis=3)
+    out += tl.sum(tl.reshape(a2, (W, 8, 1, 4)) * tl.reshape(p2, (W, 1, 8, 4)), axis=3)
+    return out + tl.sum(tl.reshape(a3, (W, 8, 1, 4)) * tl.reshape(p3, (W, 1, 8, 4)), axis=3)
+
+
+@triton.jit
+def _mma_word(w_a, w_b, p0, p1, p2, p3, d0, d1, d2, d3, e0, e1, e2, e3,
+              BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    # One 32-bit word of codes per lane for rows g (w_a) and g + 8 (w_b) of a 16-row tile, times the x values of
+    # the word's columns (pairs p0..p3 of 16-bit x; int8 uses p0, p1): adds sum_k (C + q_k) x_k to the tile's
+    # chain (d) and sum_k x_k to the x-sum chain (e; a second row tile discards its own). Codes enter the tensor core as
+    # 16-bit floats C + q, exact, built two at a time by one LOP3 that ORs a pair of codes into the mantissas of
+    # two copies of C (mma_offset gives C). The MMA's k order is the lanes' own; B is x permuted to match.
+    if BITS == 4:  # nibble h and h + 4 of a word form one pair: (w >> 4h) & 0x000F000F
+        MAGIC: tl.constexpr = 0x43004300 if X_BF16 else 0x64006400  # C = 128 (bf16) / 1024 (fp16)
+        for e in tl.static_range(2):  # A's k slots 2t..2t+1 take nibbles (2e, 2e+4), slots 2t+8..9 (2e+1, 2e+5)
+            if e == 0:
+                b0, b1 = _prmt(p0, p2, False, ASM), _prmt(p0, p2, True, ASM)  # (x0, x4), (x1, x5)
+            else:
+                b0, b1 = _prmt(p1, p3, False, ASM), _prmt(p1, p3, True, ASM)  # (x2, x6), (x3, x7)
+            d0, d1, d2, d3 = _mma(_and_or(w_a >> (8 * e), 0x000F000F, MAGIC, ASM),
+                                  _and_or(w_b >> (8 * e), 0x000F000F, MAGIC, ASM),
+                                  _and_or(w_a >> (8 * e + 4), 0x000F000F, MAGIC, ASM),
+                                  _and_or(w_b >> (8 * e + 4), 0x000F000F, MAGIC, ASM),
+                                  b0, b1, d0, d1, d2, d3, X_BF16, ASM)  # fmt: skip
+            e0, e1, e2, e3 = _mma_ones(b0, b1, e0, e1, e2, e3, X_BF16, ASM)
+    else:  # bytes 0 and 2 in slots 2t..2t+1, 1 and 3 in 2t+8..9
+        b0, b1 = _prmt(p0, p1, False, ASM), _prmt(p0, p1, True, ASM)  # (x0, x2), (x1, x3)
+        if X_BF16:  # 8 bits do not fit bf16's 7-bit mantissa: low nibbles as 128 + l, high ones as 2048 + 16 h
+            d0, d1, d2, d3 = _mma(_and_or(w_a, 0x000F000F, 0x43004300, ASM),
+                                  _and_or(w_b, 0x000F000F, 0x43004300, ASM),
+                                  _and_or(w_a >> 8, 0x000F000F, 0x43004300, ASM),
+                                  _and_or(w_b >> 8, 0x000F000F, 0x43004300, ASM),
+                                  b0, b1, d0, d1, d2, d3, X_BF16, ASM)  # fmt: skip
+            d0, d1, d2, d3 = _mma(_and_or(w_a >> 4, 0x000F000F, 0x45004500, ASM),
+                                  _and_or(w_b >> 4, 0x000F000F, 0x45004500, ASM),
+                                  _and_or(w_a >> 12, 0x000F000F, 0x45004500, ASM),
+                                  _and_or(w_b >> 12, 0x000F000F, 0x45004500, ASM),
+                                  b0, b1, d0, d1, d2, d3, X_BF16, ASM)  # fmt: skip
+        else:  # fp16's 10-bit mantissa takes a whole byte: 1024 + q
+            d0, d1, d2, d3 = _mma(_and_or(w_a, 0x00FF00FF, 0x64006400, ASM),
+                                  _and_or(w_b, 0x00FF00FF, 0x64006400, ASM),
+                                  _and_or(w_a >> 8, 0x00FF00FF, 0x64006400, ASM),
+                                  _and_or(w_b >> 8, 0x00FF00FF, 0x64006400, ASM),
+                                  b0, b1, d0, d1, d2, d3, X_BF16, ASM)  # fmt: skip
+        e0, e1, e2, e3 = _mma_ones(b0, b1, e0, e1, e2, e3, X_BF16, ASM)
+    return d0, d1, d2, d3, e0, e1, e2, e3
+
+
+@triton.jit
+def _mma_ones(b0, b1, e0, e1, e2, e3, X_BF16: tl.constexpr, ASM: tl.constexpr):
+    # e + (all-ones A) B: every row of the product is the sum of B's column, x's sum over these k for x rows 2t
+    # (e0 = e2) and 2t + 1 (e1 = e3); four accumulators kept, so the chain needs no register copies.
+    ONES: tl.constexpr = 0x3F803F80 if X_BF16 else 0x3C003C00
+    one = tl.full(b0.shape, ONES, tl.int32)
+    return _mma(one, one, one, one, b0, b1, e0, e1, e2, e3, X_BF16, ASM)
+
+
+def mma_offset(bits: int, x_bf16: bool) -> float:
+    """C of _mma_word: the tensor cores see each code q as the 16-bit float C + q."""
+    return {(4, True): 128.0, (4, False): 1024.0, (8, True): 2176.0, (8, False): 1024.0}[bits, x_bf16]
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_mma_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, NG, G_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr, OFFSET: tl.constexpr,
+    TILES: tl.constexpr, WARPS: tl.constexpr, GPI: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    # Tensor-core GEMV for M <= 8 rows of x: out[m, n] = sum_k x[m, k] w[n, k], x the MMA's B (its 8 columns are
+    # the rows of x), 16 weight rows per MMA tile, TILES tiles per program; the program's warps take turns over
+    # the split's groups, GPI groups at a time, and add their sums at the end. x: int64 view [M, KP / 4] (four
+    # 16-bit values per unit); q: int64 view [N, KP * BITS / 64]; s, z [N, NG]; out [SPLITS, M, N].
+    #
+    # Per group and weight row, lane t loads the 64-bit units t, t + 4, ... (four lanes read a row's 32 bytes at
+    # once) and the x values of those units' columns. Each pair of codes becomes a pair of 16-bit floats (C + q)
+    # by one shift and one LOP3; an MMA chain per group sums (C + q) x in fp32 (products exact), and a chain with
+    # all-ones A sums x; then acc += s * chain + (z - C s) * xsum folds the group's scale and zero in.
+    L: tl.constexpr = 32 * WARPS
+    UPG: tl.constexpr = GROUP * BITS // 64  # 64-bit units of codes per row and group
+    UPL: tl.constexpr = UPG // 4  # per lane
+    XPU: tl.constexpr = 16 // BITS  # 64-bit units of x per unit of codes (16 or 8 values)
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    i = tl.arange(0, L)
+    lane = i % 32
+    warp = i // 32
+    g = lane // 4
+    t = lane % 4
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    x_row = x_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_xm  # lane (g, t) supplies B's column g: row g of x
+    row0 = pid_n * (16 * TILES) + g
+    # the rows' pointers, computed once: rows g, g + 8 of each tile, clamped (not masked) to the last row
+    ra0 = tl.minimum(row0, N - 1).to(tl.int64)
+    rb0 = tl.minimum(row0 + 8, N - 1).to(tl.int64)
+    ra1 = tl.minimum(row0 + 16, N - 1).to(tl.int64)
+    rb1 = tl.minimum(row0 + 24, N - 1).to(tl.int64)
+    qa0, qb0 = q_ptr + ra0 * stride_qn, q_ptr + rb0 * stride_qn
+    qa1, qb1 = q_ptr + ra1 * stride_qn, q_ptr + rb1 * stride_qn
+    sa0, sb0 = s_ptr + ra0 * stride_sn, s_ptr + rb0 * stride_sn
+    sa1, sb1 = s_ptr + ra1 * stride_sn, s_ptr + rb1 * stride_sn
+    za0, zb0 = z_ptr + ra0 * stride_sn, z_ptr + rb0 * stride_sn
+    za1, zb1 = z_ptr + ra1 * stride_sn, z_ptr + rb1 * stride_sn
+    my_unit = t  # lane t's first unit of a group's row; then t + 4, ...
+    my_group = warp * GPI
+    zero = tl.zeros((L,), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # tile 0: (row g, x rows 2t / 2t+1), (row g+8, ...)
+    bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero  # tile 1 (TILES == 2)
+    g_lo = pid_s * G_PER_SPLIT
+    g_hi = tl.minimum(g_lo + G_PER_SPLIT, NG)
+    for g0 in range(g_lo, g_hi, WARPS * GPI):
+        for u in tl.static_range(GPI):
+            grp = g0 + my_group + u
+            ok = grp < g_hi
+            gc = tl.minimum(grp, g_hi - 1)  # a group past the split's end reads the last one, weighted 0
+            d0, d1, d2, d3, e0, e1, e2, e3 = zero, zero, zero, zero, zero, zero, zero, zero
+            f0, f1, f2, f3 = zero, zero, zero, zero
+            for h in tl.static_range(UPL):
+                unit = tl.max_contiguous(gc * UPG + my_unit + 4 * h, 1)  # one unit per thread: no vector across lanes
+                xu = tl.max_contiguous(gc * (GROUP // 4) + (my_unit + 4 * h) * XPU, 1)
+                qa = tl.load(qa0 + unit, eviction_policy="evict_first")
+                qb = tl.load(qb0 + unit, eviction_policy="evict_first")
+                if TILES == 2:
+                    qa2 = tl.load(qa1 + unit, eviction_policy="evict_first")
+                    qb2 = tl.load(qb1 + unit, eviction_policy="evict_first")
+                for j in tl.static_range(2):  # the unit's two words: the low one first in memory
+                    if BITS == 4:
+                        xa = tl.load(x_row + xu + 2 * j)
+                        xb = tl.load(x_row + xu + 2 * j + 1)
+                        p0, p1, p2, p3 = xa.to(tl.int32), (xa >> 32).to(tl.int32), xb.to(tl.int32), \
+                            (xb >> 32).to(tl.int32)  # fmt: skip
+                    else:
+                        xa = tl.load(x_row + xu + j)
+                        p0, p1 = xa.to(tl.int32), (xa >> 32).to(tl.int32)
+                        p2, p3 = p0, p1
+                    d0, d1, d2, d3, e0, e1, e2, e3 = _mma_word(
+                        (qa >> (32 * j)).to(tl.int32), (qb >> (32 * j)).to(tl.int32), p0, p1, p2, p3,
+                        d0, d1, d2, d3, e0, e1, e2, e3,
+                        BITS, X_BF16, ASM)  # fmt: skip
+                    if TILES == 2:
+                        f0, f1, f2, f3, _, _, _, _ = _mma_word(
+                            (qa2 >> (32 * j)).to(tl.int32), (qb2 >> (32 * j)).to(tl.int32), p0, p1, p2, p3,
+                            f0, f1, f2, f3, e0, e1, e2, e3,
+                            BITS, X_BF16, ASM)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _mma_fold(acc0, acc1, acc2, acc3, d0, d1, d2, d3, e0, e1,
+                                               sa0 + gc, sb0 + gc, za0 + gc, zb0 + gc, ok,
+                                               HAS_ZERO, HALF, OFFSET)  # fmt: skip
+            if TILES == 2:
+                bcc0, bcc1, bcc2, bcc3 = _mma_fold(bcc0, bcc1, bcc2, bcc3, f0, f1, f2, f3, e0, e1,
+                                                   sa1 + gc, sb1 + gc, za1 + gc, zb1 + gc, ok,
+                                                   HAS_ZERO, HALF, OFFSET)  # fmt: skip
+    out = out_ptr + pid_s * stride_os
+    _mma_store(out, acc0, acc1, acc2, acc3, pid_n * (16 * TILES), M, N, stride_om, WARPS)
+    if TILES == 2:
+        _mma_store(out, bcc0, bcc1, bcc2, bcc3, pid_n * (16 * TILES) + 16, M, N, stride_om, WARPS)
+
+
+@triton.jit
+def _mma_fold(a0, a1, a2, a3, d0, d1, d2, d3, e0, e1, s_a, s_b, z_a, z_b, ok,
+              HAS_ZERO: tl.constexpr, HALF: tl.constexpr, OFFSET: tl.constexpr):  # fmt: skip
+    # acc += s * sum (C + q) x + (z - C s) * sum x for rows g (s_a, z_a: pointers to its scale and zero) and g + 8;
+    # a group past the split's end (not ok) weighs 0.
+    sa = tl.where(ok, tl.load(s_a).to(tl.float32), 0.0)
+    sb = tl.where(ok, tl.load(s_b).to(tl.float32), 0.0)
+    if HAS_ZERO:
+        za = tl.where(ok, tl.load(z_a).to(tl.float32), 0.0) - OFFSET * sa
+        zb = tl.where(ok, tl.load(z_b).to(tl.float32), 0.0) - OFFSET * sb
+    else:  # (q - HALF) * s
+        za = sa * -(HALF + OFFSET)
+        zb = sb * -(HALF + OFFSET)
+    return (tl.fma(sa, d0, tl.fma(za, e0, a0)), tl.fma(sa, d1, tl.fma(za, e1, a1)),
+            tl.fma(sb, d2, tl.fma(zb, e0, a2)), tl.fma(sb, d3, tl.fma(zb, e1, a3)))  # fmt: skip
+
+
+@triton.jit
+def _mma_store(out, a0, a1, a2, a3, first_row, M, N, stride_om, WARPS: tl.constexpr):
+    # The warps' sums added, then lane (g, t) writes rows first_row + g (a0, a1) and + g + 8 (a2, a3) for x rows
+    # 2t (a0, a2) and 2t + 1 (a1, a3).
+    lane = tl.arange(0, 32)
+    row = first_row + lane // 4
+    m = 2 * (lane % 4)
+    _mma_store_one(out, a0, row, m, M, N, stride_om, WARPS)
+    _mma_store_one(out, a1, row, m + 1, M, N, stride_om, WARPS)
+    _mma_store_one(out, a2, row + 8, m, M, N, stride_om, WARPS)
+    _mma_store_one(out, a3, row + 8, m + 1, M, N, stride_om, WARPS)
+
+
+@triton.jit
+def _mma_store_one(out, a, row, m, M, N, stride_om, WARPS: tl.constexpr):
+    res = tl.sum(tl.reshape(a, (WARPS, 32)), axis=0)
+    tl.store(out + m * stride_om + row, res.to(out.dtype.element_ty), mask=(m < M) & (row < N))
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT, M_BUCKET,
@@ -473,14 +727,16 @@ def words_ok(qw: QuantizedWeight, wide: bool = False) -> bool:
         and q.data_ptr() % unit == 0
 
 
-def _x_pairs(x: torch.Tensor, kp: int) -> torch.Tensor:
-    """x [M, K] fp16/bf16 as int32 pairs [M, kp / 2]; a copy zero-padded to kp when K < kp or x is misaligned."""
+def _x_pairs(x: torch.Tensor, kp: int, unit: torch.dtype = torch.int32) -> torch.Tensor:
+    """x [M, K] fp16/bf16 viewed as `unit` (int32: pairs [M, kp / 2]; int64: fours [M, kp / 4]); a copy
+    zero-padded to kp when K < kp or x is not aligned to the unit."""
     m, k = x.shape
-    if k != kp or x.stride(0) % 2 or x.data_ptr() % 4:
+    per = unit.itemsize // x.element_size()  # values per unit
+    if k != kp or x.stride(0) % per or x.data_ptr() % unit.itemsize:
         padded = x.new_zeros(m, kp)
         padded[:, :k] = x
         x = padded
-    return x.view(torch.int32)
+    return x.view(unit)
 
 
 def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
@@ -511,6 +767,72 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
         m, n, ku, per, xw.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None,
         X_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_stages=1, **cfg,
+    )  # fmt: skip
+    if splits > 1:
+        reduce_splits(part, out)
+
+
+MMA_MAX_M = 8  # rows of x the tensor-core GEMV takes: the MMA's 8 columns
+# (TILES, WARPS, GPI) of the tensor-core GEMV, in order of preference: 16-row weight tiles per program, warps per
+# program (taking turns over the groups), groups a warp loads before its MMAs
+MMA_TILES = [(1, 4, 2), (1, 4, 4), (2, 4, 2), (1, 8, 1)]
+MMA_TILE_KEYS = ("TILES", "WARPS", "GPI")
+
+
+def mma_ok(qw: QuantizedWeight) -> bool:
+    """Whether the tensor-core GEMV takes this weight: groups of whole 256-bit runs of codes per row (int4 group
+    64 / 128, int8 group 32 / 64 / ...), a qweight aligned to 64 bits."""
+    q, s = qw.qweight, qw.spec
+    return (s.group_size * s.bits) % 256 == 0 and q.stride(-1) == 1 and q.stride(0) % 8 == 0 \
+        and q.data_ptr() % 8 == 0
+
+
+def _has_mma(x: torch.Tensor) -> bool:
+    """Whether x's GPU has the m16n8k16 bf16 / fp16 MMA (compute capability 8.0 and later)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def _mma_config(m: int, n: int, qw: QuantizedWeight, tile: tuple, n_sm: int, split: bool = True) -> dict:
+    """Launch config of an MMA_TILES entry; with `split`, groups per split so that the programs' warps fill the GPU
+    (~16 per SM) while each split still loops at least twice."""
+    t = dict(zip(MMA_TILE_KEYS, tile))
+    ngroups = qw.padded_k // qw.spec.group_size
+    step = t["WARPS"] * t["GPI"]  # groups per program and loop step
+    programs = triton.cdiv(n, 16 * t["TILES"])
+    splits = 1
+    if split:
+        splits = max(1, min(-(-16 * n_sm // (programs * t["WARPS"])), ngroups // (2 * step)))
+    per = -(-triton.cdiv(ngroups, splits) // step) * step
+    return dict(**t, G_PER_SPLIT=per if per < ngroups else None)
+
+
+def gemv_mma(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict | None = None) -> None:
+    """The tensor-core GEMV: x [M <= MMA_MAX_M, K] fp16/bf16 (unit column stride), out [M, N] contiguous; cfg
+    overrides the first MMA_TILES entry's config."""
+    (m, _), (n, _) = x.shape, qw.shape
+    if x.dtype not in (torch.float16, torch.bfloat16) or m > MMA_MAX_M:
+        raise ValueError(f"gemv_mma: x must be fp16 or bf16 with at most {MMA_MAX_M} rows, got {x.dtype} "
+                         f"{list(x.shape)}")  # fmt: skip
+    if not mma_ok(qw):
+        raise ValueError(f"gemv_mma: needs group_size * bits % 256 == 0 and a qweight aligned to 64 bits, "
+                         f"got {qw.spec}")  # fmt: skip
+    cfg = cfg or {}
+    tile = tuple(cfg.get(key, v) for key, v in zip(MMA_TILE_KEYS, MMA_TILES[0]))
+    cfg = {**_mma_config(m, n, qw, tile, _sm_count(x)), **cfg}
+    ngroups = qw.padded_k // qw.spec.group_size
+    per = cfg.pop("G_PER_SPLIT") or ngroups
+    splits = triton.cdiv(ngroups, per)
+    xu = _x_pairs(x, qw.padded_k, torch.int64)
+    q = qw.qweight.view(torch.int64)
+    part = _partials(out, splits)
+    bf16 = x.dtype == torch.bfloat16
+    grid = (triton.cdiv(n, 16 * cfg["TILES"]), splits)
+    _gemv_mma_kernel[grid](
+        xu, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
+        m, n, ngroups, per, xu.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
+        BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, X_BF16=bf16,
+        OFFSET=mma_offset(qw.spec.bits, bf16), ASM=x.is_cuda, num_warps=cfg["WARPS"], num_stages=1,
+        **{k: cfg[k] for k in MMA_TILE_KEYS},
     )  # fmt: skip
     if splits > 1:
         reduce_splits(part, out)
@@ -631,7 +953,7 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the word kernel puts it
 WORDS_TILE_KEYS = ("BLOCK_N", "BLOCK_W", "num_warps", "PREFETCH", "WIDE")
 WORDS_TILES = [(8, 128, 4, False, True), (8, 256, 4, False, True), (8, 256, 4, True, True),
                (8, 256, 4, False, False), (8, 128, 4, False, False)]  # fmt: skip
-_LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm}
+_LAUNCH = {"words": gemv_words, "groups": gemv, "gemm": gemm, "mma": gemv_mma}
 _chosen: dict[tuple, tuple[str, dict]] = {}  # timed choices
 _heuristic: dict[tuple, tuple[str, dict]] = {}  # untimed ones (ZINFER_GEMV != auto, several ranks)
 _timings: dict[tuple, list[tuple[str, dict, float]]] = {}
@@ -649,6 +971,10 @@ def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
             # the 4-row WIDE kernel spilled registers in its offline sm_90 build)
             out += [("words", _words_config(m, n, kw, tile, _sm_count(x), triton.next_power_of_2(m)))
                     for tile in tiles if tile[1] == 32 * tile[2]]
+        if m <= MMA_MAX_M and mma_ok(qw) and _has_mma(x):
+            for tile in MMA_TILES:  # with the split that fills the GPU, and (when it splits) without
+                cfgs = [_mma_config(m, n, qw, tile, _sm_count(x)), _mma_config(m, n, qw, tile, _sm_count(x), False)]
+                out += [("mma", cfg) for cfg in cfgs[: 1 if cfgs[0] == cfgs[1] else 2]]
     if m <= GEMV_MAX_M:
         out.append(("groups", {}))
     out.append(("gemm", {}))
