@@ -18,6 +18,20 @@ from triton.compiler import ASTSource
 from zinfer.quant import triton_kernels as tk
 
 
+def compile_offline(bits=4, group=64, tiles=1, warps=4, gpi=2, bf16=True, has_zero=True):
+    """The kernel built for sm_90 (no GPU needed): Triton's CompiledKernel (asm["ttgir"], asm["cubin"], ...)."""
+    half = "bf16" if bf16 else "fp16"
+    sig = {"x_ptr": "*i64", "q_ptr": "*i64", "s_ptr": f"*{half}", "z_ptr": f"*{half}", "out_ptr": f"*{half}",
+           **{name: "i32" for name in ("M", "N", "NG", "G_PER_SPLIT", "stride_xm", "stride_qn", "stride_sn",
+                                       "stride_os", "stride_om")}}  # fmt: skip
+    const = {"BITS": bits, "GROUP": group, "HAS_ZERO": has_zero, "X_BF16": bf16, "TILES": tiles, "WARPS": warps,
+             "GPI": gpi, "ASM": True}  # fmt: skip
+    names = list(sig) + list(const)
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=tk._gemv_mma_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
@@ -27,17 +41,7 @@ def main():
     p.add_argument("--gpi", type=int, default=2)
     p.add_argument("--fp16", action="store_true", help="fp16 x (default bf16)")
     a = p.parse_args()
-    half = "fp16" if a.fp16 else "bf16"
-    sig = {"x_ptr": "*i64", "q_ptr": "*i64", "s_ptr": f"*{half}", "z_ptr": f"*{half}", "out_ptr": f"*{half}",
-           **{name: "i32" for name in ("M", "N", "NG", "G_PER_SPLIT", "stride_xm", "stride_qn", "stride_sn",
-                                       "stride_os", "stride_om")}}  # fmt: skip
-    const = {"BITS": a.bits, "GROUP": a.group, "HAS_ZERO": True, "X_BF16": not a.fp16,
-             "OFFSET": tk.mma_offset(a.bits, not a.fp16), "TILES": a.tiles, "WARPS": a.warps, "GPI": a.gpi,
-             "ASM": True}  # fmt: skip
-    names = list(sig) + list(const)
-    sig.update({k: "constexpr" for k in const})
-    src = ASTSource(fn=tk._gemv_mma_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.warps, "num_stages": 1})
+    kernel = compile_offline(a.bits, a.group, a.tiles, a.warps, a.gpi, not a.fp16)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -50,8 +54,8 @@ def main():
     body = [t for a, t in ins if lo <= a <= hi]
     ops = Counter(re.sub(r"^@!?U?P[0-9T] ", "", t).split()[0].split(".")[0] for t in body)
     codes = a.group // 4 * 2 * a.tiles * a.gpi  # per lane and loop step: a quarter of each group of two rows
-    print(f"int{a.bits} g{a.group} {half} TILES={a.tiles} WARPS={a.warps} GPI={a.gpi}: loop body {len(body)} "
-          f"instructions for {codes} codes per lane = {len(body) / codes:.2f} per code")  # fmt: skip
+    print(f"int{a.bits} g{a.group} {'fp16' if a.fp16 else 'bf16'} TILES={a.tiles} WARPS={a.warps} GPI={a.gpi}: "
+          f"loop body {len(body)} instructions for {codes} codes per lane = {len(body) / codes:.2f} per code")
     print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
 
 

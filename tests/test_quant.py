@@ -3,9 +3,11 @@ The Triton kernels run here too, under Triton's interpreter, when Triton is impo
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,6 +339,25 @@ def test_triton_kernels_under_interpreter():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("bits, tiles, warps, gpi, bf16", [(4, 1, 4, 2, True), (8, 2, 2, 1, False), (8, 1, 8, 1, True)])
+def test_tensor_core_gemv_keeps_one_value_per_thread(bits, tiles, warps, gpi, bf16):
+    # the MMA kernel's inline PTX assumes element i of each [32 * warps] tensor is held by thread i (its fragments);
+    # a layout Triton chose otherwise would scramble them silently. Compiled offline for sm_90: no GPU needed.
+    path = Path(__file__).parents[1] / "benchmarks" / "sass_count.py"
+    spec = importlib.util.spec_from_file_location("sass_count", path)
+    sass_count = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_count)
+    ttgir = sass_count.compile_offline(bits=bits, tiles=tiles, warps=warps, gpi=gpi, bf16=bf16).asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
+    asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line]
+    assert sum("mma.sync.aligned.m16n8k16" in line for line in asm) >= 2 * tiles
+    used = {name for line in asm for name in re.findall(r"tensor<\d+x\w+, (#\w+)>", line)}
+    one_per_thread = (f"#ttg.blocked<{{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}], "
+                      f"order = [0]}}>")
+    assert used and all(layouts[name] == one_per_thread for name in used), {n: layouts[n] for n in used}
 
 
 # --- the weighted fit (calibrated quantization) ---------------------------------------------------------------

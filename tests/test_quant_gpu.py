@@ -167,6 +167,9 @@ def test_tensor_core_gemv_refusals():
         tk.gemv_mma(torch.randn(9, 256, device="cuda", dtype=torch.bfloat16), g64, torch.empty(9, 64, device="cuda"))
     with pytest.raises(ValueError, match=r"x must be fp16 or bf16"):
         tk.gemv_mma(torch.randn(1, 256, device="cuda"), g64, out.float())
+    with pytest.raises(ValueError, match=r"out must be contiguous"):
+        tk.gemv_mma(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16), g64, torch.empty(64, 2).bfloat16().t())
+    tk.gemv_mma(torch.empty(0, 256, device="cuda", dtype=torch.bfloat16), g64, torch.empty(0, 64, device="cuda"))
 
 
 def test_tuner_keeps_one_choice_per_shape():

@@ -402,7 +402,7 @@ def _mma_word(w_a, w_b, p0, p1, p2, p3, d0, d1, d2, d3, e0, e1, e2, e3,
     # the word's columns (pairs p0..p3 of 16-bit x; int8 uses p0, p1): adds sum_k (C + q_k) x_k to the tile's
     # chain (d) and sum_k x_k to the x-sum chain (e; a second row tile discards its own). Codes enter the tensor core as
     # 16-bit floats C + q, exact, built two at a time by one LOP3 that ORs a pair of codes into the mantissas of
-    # two copies of C (mma_offset gives C). The MMA's k order is the lanes' own; B is x permuted to match.
+    # two copies of C (OFFSET in _gemv_mma_kernel). The MMA's k order is the lanes' own; B is x permuted to match.
     if BITS == 4:  # nibble h and h + 4 of a word form one pair: (w >> 4h) & 0x000F000F
         MAGIC: tl.constexpr = 0x43004300 if X_BF16 else 0x64006400  # C = 128 (bf16) / 1024 (fp16)
         for e in tl.static_range(2):  # A's k slots 2t..2t+1 take nibbles (2e, 2e+4), slots 2t+8..9 (2e+1, 2e+5)
@@ -448,16 +448,11 @@ def _mma_ones(b0, b1, e0, e1, e2, e3, X_BF16: tl.constexpr, ASM: tl.constexpr):
     return _mma(one, one, one, one, b0, b1, e0, e1, e2, e3, X_BF16, ASM)
 
 
-def mma_offset(bits: int, x_bf16: bool) -> float:
-    """C of _mma_word: the tensor cores see each code q as the 16-bit float C + q."""
-    return {(4, True): 128.0, (4, False): 1024.0, (8, True): 2176.0, (8, False): 1024.0}[bits, x_bf16]
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemv_mma_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, NG, G_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr, OFFSET: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr,
     TILES: tl.constexpr, WARPS: tl.constexpr, GPI: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # Tensor-core GEMV for M <= 8 rows of x: out[m, n] = sum_k x[m, k] w[n, k], x the MMA's B (its 8 columns are
@@ -474,6 +469,8 @@ def _gemv_mma_kernel(
     UPL: tl.constexpr = UPG // 4  # per lane
     XPU: tl.constexpr = 16 // BITS  # 64-bit units of x per unit of codes (16 or 8 values)
     HALF: tl.constexpr = 1 << (BITS - 1)
+    # C of _mma_word's codes C + q: int4 128 (bf16) / 1024 (fp16); int8 bf16 128 + 2048 (two planes), fp16 1024
+    OFFSET: tl.constexpr = (128.0 if X_BF16 else 1024.0) if BITS == 4 else (2176.0 if X_BF16 else 1024.0)
     i = tl.arange(0, L)
     lane = i % 32
     warp = i // 32
@@ -816,6 +813,11 @@ def gemv_mma(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict 
     if not mma_ok(qw):
         raise ValueError(f"gemv_mma: needs group_size * bits % 256 == 0 and a qweight aligned to 64 bits, "
                          f"got {qw.spec}")  # fmt: skip
+    if not out.is_contiguous():
+        raise ValueError("gemv_mma: out must be contiguous")
+    if m == 0:
+        return
+    qw = _contiguous(qw)  # one row stride for scale and zero
     cfg = cfg or {}
     tile = tuple(cfg.get(key, v) for key, v in zip(MMA_TILE_KEYS, MMA_TILES[0]))
     cfg = {**_mma_config(m, n, qw, tile, _sm_count(x)), **cfg}
@@ -825,13 +827,12 @@ def gemv_mma(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict 
     xu = _x_pairs(x, qw.padded_k, torch.int64)
     q = qw.qweight.view(torch.int64)
     part = _partials(out, splits)
-    bf16 = x.dtype == torch.bfloat16
     grid = (triton.cdiv(n, 16 * cfg["TILES"]), splits)
     _gemv_mma_kernel[grid](
         xu, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
         m, n, ngroups, per, xu.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
-        BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, X_BF16=bf16,
-        OFFSET=mma_offset(qw.spec.bits, bf16), ASM=x.is_cuda, num_warps=cfg["WARPS"], num_stages=1,
+        BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, X_BF16=x.dtype == torch.bfloat16,
+        ASM=x.is_cuda, num_warps=cfg["WARPS"], num_stages=1,
         **{k: cfg[k] for k in MMA_TILE_KEYS},
     )  # fmt: skip
     if splits > 1:
