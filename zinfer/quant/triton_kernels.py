@@ -789,7 +789,7 @@ def _has_mma(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
-def _mma_config(m: int, n: int, qw: QuantizedWeight, tile: tuple, n_sm: int, split: bool = True) -> dict:
+def _mma_config(n: int, qw: QuantizedWeight, tile: tuple, n_sm: int, split: bool = True) -> dict:
     """Launch config of an MMA_TILES entry; with `split`, groups per split so that the programs' warps fill the GPU
     (~16 per SM) while each split still loops at least twice."""
     t = dict(zip(MMA_TILE_KEYS, tile))
@@ -820,7 +820,7 @@ def gemv_mma(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict 
     qw = _contiguous(qw)  # one row stride for scale and zero
     cfg = cfg or {}
     tile = tuple(cfg.get(key, v) for key, v in zip(MMA_TILE_KEYS, MMA_TILES[0]))
-    cfg = {**_mma_config(m, n, qw, tile, _sm_count(x)), **cfg}
+    cfg = {**_mma_config(n, qw, tile, _sm_count(x)), **cfg}
     ngroups = qw.padded_k // qw.spec.group_size
     per = cfg.pop("G_PER_SPLIT") or ngroups
     splits = triton.cdiv(ngroups, per)
@@ -974,7 +974,7 @@ def candidates(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, dict]]:
                     for tile in tiles if tile[1] == 32 * tile[2]]
         if m <= MMA_MAX_M and mma_ok(qw) and _has_mma(x):
             for tile in MMA_TILES:  # with the split that fills the GPU, and (when it splits) without
-                cfgs = [_mma_config(m, n, qw, tile, _sm_count(x)), _mma_config(m, n, qw, tile, _sm_count(x), False)]
+                cfgs = [_mma_config(n, qw, tile, _sm_count(x)), _mma_config(n, qw, tile, _sm_count(x), False)]
                 out += [("mma", cfg) for cfg in cfgs[: 1 if cfgs[0] == cfgs[1] else 2]]
     if m <= GEMV_MAX_M:
         out.append(("groups", {}))
