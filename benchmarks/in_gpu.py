@@ -1,9 +1,10 @@
 """In-GPU generation, named cases: zinfer vs transformers eager `generate` on the same model shape and inputs.
 
 Run on the device:  python benchmarks/in_gpu.py [--model llama-3-8b] [--cases b1-p128-g128,...] [--no-peer]
-                    [--quant-bits 16,4,8]
+                    [--quant-bits 16,4,4+head,8]
 Writes $OUT/in_gpu.json (or ./in_gpu.json) and prints a table. Dummy bf16 weights (group-wise int4/int8 with
---quant-bits: one model per value, in that order, each with the same cases); ceilings measured once.
+--quant-bits: one model per value, in that order, each with the same cases; `4+head` packs the LM head too);
+ceilings measured once.
 """
 
 import argparse
@@ -25,6 +26,21 @@ CASES = {
     "b64-p512-g32": dict(batch=64, prompt=512, gen=32, peer=False),
     "prefill-8192": dict(batch=1, prompt=8192, gen=1, peer=False),
 }
+
+
+def weight_variants(text: str) -> list[tuple[int, bool]]:
+    """--quant-bits: comma-separated 16 (bf16), 8, 4, 8+head, 4+head -> [(bits, LM head packed)], one model each."""
+    out = []
+    for value in text.split(","):
+        bits, head = value.removesuffix("+head"), value.endswith("+head")
+        if bits not in ("16", "8", "4") or (head and bits == "16"):
+            raise argparse.ArgumentTypeError(f"{value!r}: use 16, 8, 4, 8+head or 4+head")
+        out.append((int(bits), head))
+    return out
+
+
+def variant_tag(bits: int, head: bool, group_size: int) -> str:
+    return "bf16" if bits == 16 else f"int{bits}-g{group_size}" + ("-head" if head else "")
 
 
 def prompts_for(case, vocab: int, seed: int = 0):
@@ -102,16 +118,17 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quant-bits", default="16", help="comma-separated: 16 (bf16), 8, 4; one model each")
+    ap.add_argument("--quant-bits", type=weight_variants, default="16", help="16 (bf16), 8, 4, 8+head or 4+head (the "
+                    "LM head packed too), comma-separated: one model each")
     ap.add_argument("--quant-group-size", type=int, default=64)
     args = ap.parse_args()
     ceil = get_ceilings("cuda")
     print("ceilings:", json.dumps(ceil))
     results = dict(model=args.model, device=torch.cuda.get_device_name(), ceilings=ceil, torch=torch.__version__,
                    runs={})
-    for bits in (int(b) for b in args.quant_bits.split(",")):
-        tag = "bf16" if bits == 16 else f"int{bits}-g{args.quant_group_size}"
-        results["runs"][tag] = run_model(args, bits, ceil, peer=not args.no_peer and bits == 16)
+    for bits, head in args.quant_bits:
+        tag = variant_tag(bits, head, args.quant_group_size)
+        results["runs"][tag] = run_model(args, bits, ceil, peer=not args.no_peer and bits == 16, head=head)
         gc.collect()
         torch.cuda.empty_cache()
     out = os.path.join(os.environ.get("OUT", "."), "in_gpu.json")
@@ -131,10 +148,10 @@ def main():
     print("speedup: vs HF eager for bf16; vs zinfer's own bf16 run for quantized weights")
 
 
-def run_model(args, bits: int, ceil: dict, peer: bool) -> dict:
+def run_model(args, bits: int, ceil: dict, peer: bool, head: bool = False) -> dict:
     dtype = torch.bfloat16
     t = time.perf_counter()
-    quant = {} if bits == 16 else dict(quant_bits=bits, quant_group_size=args.quant_group_size)
+    quant = {} if bits == 16 else dict(quant_bits=bits, quant_group_size=args.quant_group_size, quant_lm_head=head)
     llm = zinfer.LLM(args.model, dummy=True, dtype=dtype, device="cuda", **quant)
     load_s = time.perf_counter() - t
     wbytes = weight_bytes_per_step(llm)
@@ -142,7 +159,7 @@ def run_model(args, bits: int, ceil: dict, peer: bool) -> dict:
                    and "lm_head" not in n)
     if bits != 16:  # FLOPs count the dense weights the packed codes stand for
         nonembed = sum(m.in_features * m.out_features for m in llm.model.modules()
-                       if getattr(m, "qspec", None) is not None)
+                       if getattr(m, "qspec", None) is not None and m is not llm.model.lm_head)
     results = dict(load_s=load_s, weight_bytes_per_step=wbytes, cases={})
     hbm, mm = ceil["device_copy_bytes_per_s"], ceil["matmul_flops_per_s"]
     for name in args.cases.split(","):

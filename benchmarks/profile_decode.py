@@ -1,23 +1,34 @@
 """Where a decode step's time goes: kernel time (profiler, compiled step without the graph) against the
-replayed graph's step time. Device only.
-  python benchmarks/profile_decode.py [--model llama-3-8b] [--batch 1] [--quant-bits 16|8|4]
+replayed graph's step time, with the kernels grouped into matmuls, attention and the rest. Device only.
+  python benchmarks/profile_decode.py [--model llama-3-8b] [--batch 1] [--quant-bits 16,4,4+head,8] [--top 25]
+One model per --quant-bits value, in that order; $OUT/profile_decode.json holds every kernel's time.
 """
 
 import argparse
+import gc
+import json
+import os
 
 import torch
+from in_gpu import variant_tag, weight_variants  # this folder: run as a script
 
 import zinfer
 
+# kernel-name fragments -> group; the first group whose fragment a name holds wins
+GROUPS = (("matmul", ("gemv", "gemm", "mma", "nvjet", "cutlass", "xmma", "sm90_", "splitk", "reduce_kernel")),
+          ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+          ("fused elementwise", ("triton_",)))
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--quant-bits", type=int, default=16)
-    args = ap.parse_args()
-    llm = zinfer.LLM(args.model, dummy=True, dtype="bfloat16", device="cuda", quant_bits=args.quant_bits)
-    ids = [[100 + i] * 128 for i in range(args.batch)]
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for g, parts in GROUPS if any(p in low for p in parts)), "other")
+
+
+def profile(model: str, batch: int, bits: int, head: bool, top: int) -> dict:
+    quant = {} if bits == 16 else dict(quant_bits=bits, quant_lm_head=head)
+    llm = zinfer.LLM(model, dummy=True, dtype="bfloat16", device="cuda", **quant)
+    ids = [[100 + i] * 128 for i in range(batch)]
     llm.generate(ids, zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True))
     state = llm.engine.state
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -29,17 +40,47 @@ def main():
         end.synchronize()
         times.append(start.elapsed_time(end))
     times.sort()
-    print(f"graph replay step: median {times[25]:.3f} ms  min {times[0]:.3f} ms")
+    steps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(steps):
             state.forward()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events) / 3 / 1e3
-    print(f"kernel time per step (no graph): {total:.3f} ms over {sum(e.count for e in events) // 3} kernels")
-    events.sort(key=lambda e: -e.device_time_total)
-    for e in events[:25]:
-        print(f"{e.device_time_total / 3 / 1e3:8.3f} ms  {e.count // 3:5d}x  {e.key[:110]}")
+    kernels = sorted(((e.key, e.device_time_total / steps, e.count // steps) for e in events), key=lambda k: -k[1])
+    groups: dict[str, list[float]] = {}
+    for name, us, count in kernels:
+        g = groups.setdefault(group_of(name), [0.0, 0])
+        g[0] += us
+        g[1] += count
+    total = sum(k[1] for k in kernels)
+    tag = variant_tag(bits, head, 64)
+    print(f"\n== {tag} batch {batch}: graph replay median {times[25]:.3f} ms, min {times[0]:.3f} ms; "
+          f"kernel time without the graph {total / 1e3:.3f} ms over {sum(k[2] for k in kernels)} kernels")
+    for g, (us, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {g:18} {us / 1e3:7.3f} ms  {count:5d} kernels  {us / max(count, 1):7.1f} us each")
+    for name, us, count in kernels[:top]:
+        print(f"{us / 1e3:8.3f} ms  {count:5d}x  {us / max(count, 1):7.1f} us  {name[:100]}")
+    llm.engine.release()
+    del llm, state
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(replay_ms_median=times[25], replay_ms_min=times[0], kernel_ms=total / 1e3,
+                groups={g: dict(ms=us / 1e3, count=c) for g, (us, c) in groups.items()},
+                kernels=[dict(name=n, us_per_step=us, count=c) for n, us, c in kernels])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--quant-bits", type=weight_variants, default="16", help="as in_gpu.py's")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    results = dict(model=args.model, batch=args.batch, device=torch.cuda.get_device_name(), runs={})
+    for bits, head in args.quant_bits:
+        results["runs"][variant_tag(bits, head, 64)] = profile(args.model, args.batch, bits, head, args.top)
+    with open(os.path.join(os.environ.get("OUT", "."), "profile_decode.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

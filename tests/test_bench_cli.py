@@ -20,6 +20,7 @@ from zinfer.bench.cli import bench_config
 from zinfer.bench.metrics import BenchConfig
 from zinfer.bench.peers import PeerTimings, ds_zero3_config
 from zinfer.bench.plot import sweep_figure
+from zinfer.errors import InputError
 
 SEED_METRICS = {"prefill_latency", "prefill_throughput", "decode_latency", "decode_throughput", "total_latency",
                 "total_throughput", "gpu_peak_mem"}
@@ -150,7 +151,8 @@ def test_verbose_2_rows_are_the_seeds_list(n, rows, capsys):
 
 DASH = ["--batch-size", "4", "--prompt-len", "8", "--gen-len", "2", "--cpu-offload", "--offload-dir", "/x",
         "--num-nodes", "1", "--num-gpus-per-node", "2", "--output-file", "f.log", "--kv-offload", "--quant-bits", "4",
-        "--quant-group-size", "32", "--pin-kv-cache", "--async-kv-offload", "--pin-memory", "0", "--no-compile"]
+        "--quant-group-size", "32", "--quant-lm-head", "--pin-kv-cache", "--async-kv-offload", "--pin-memory", "0",
+        "--no-compile"]
 
 
 def test_underscore_aliases_parse_like_dash_flags():
@@ -163,15 +165,18 @@ def test_underscore_aliases_parse_like_dash_flags():
     config = bench_config(dash)
     assert config == BenchConfig(batch_size=4, prompt_len=8, gen_len=2, cpu_offload=True, offload_dir="/x",
                                  num_gpus_per_node=2, output_file="f.log", kv_offload=True, quant_bits=4,
-                                 quant_group_size=32, pin_kv_cache=True, async_kv_offload=True)
+                                 quant_group_size=32, quant_lm_head=True, pin_kv_cache=True,
+                                 async_kv_offload=True)
+    with pytest.raises(InputError, match="quant_lm_head .* needs quant_bits 4 or 8"):
+        bench_config(parser.parse_args(["bench", "--quant-lm-head"]))
     assert bench_config(parser.parse_args(["bench", "--offload", "nvme"])).disk_offload
 
 
 def test_flags_map_to_engine_options():
     cpu = run.engine_options(BenchConfig(cpu_offload=True, kv_offload=True, quant_bits=4, num_nodes=2,
                                          num_gpus_per_node=4, pin_kv_cache=True), pin_memory=False)
-    assert cpu == dict(offload="cpu", pin_memory=False, quant_bits=4, quant_group_size=64, kv_offload=True,
-                       pin_kv_cache=True, async_kv_offload=False, tp=8)
+    assert cpu == dict(offload="cpu", pin_memory=False, quant_bits=4, quant_group_size=64, quant_lm_head=False,
+                       kv_offload=True, pin_kv_cache=True, async_kv_offload=False, tp=8)
     disk = run.engine_options(BenchConfig(disk_offload=True, offload_dir="~/nvme"))
     assert disk["offload"] == "nvme" and disk["offload_dir"] == os.path.expanduser("~/nvme")
     assert "offload" not in run.engine_options(BenchConfig())

@@ -112,6 +112,12 @@ def test_perplexity_cli_calibration_errors(tmp_path, capsys):
     assert main(["perplexity", str(text), "--model", str(tiny), "--quant-bits", "4",
                  "--calibration", str(tmp_path / "missing.txt")]) == 2
     assert "no such calibration text file" in capsys.readouterr().err
+    assert main(["perplexity", str(text), "--model", str(tiny), "--quant-bits", "4", "--quant-lm-head",
+                 "--calibration", str(text)]) == 2
+    assert "--calibration fits the decoder layers only: drop --quant-lm-head" in capsys.readouterr().err
+    assert main(["perplexity", str(text), "--model", str(tiny), "--device", "cpu", "--quant-bits", "8",
+                 "--quant-lm-head"]) == 0
+    assert "LM head packed" in capsys.readouterr().out
     assert main(["perplexity", str(text), "--model", str(tiny), "--device", "cpu", "--quant-bits", "4",
                  "--quant-group-size", "32", "--calibration", str(text), "--json"]) == 0
     assert f'"calibration": "{text}"' in capsys.readouterr().out

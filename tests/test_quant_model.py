@@ -29,7 +29,10 @@ def dense_twin(directory, quantized):
         for name, m in dense.model.named_modules():
             q = qmods.get(name)
             if isinstance(m, Linear) and q is not None and q.qspec is not None:
-                m.weight.copy_(dequantize(q.packed, torch.float32))
+                if m is dense.model.lm_head:  # its own tensor: a tied head's weight is the embedding's
+                    m.weight = torch.nn.Parameter(dequantize(q.packed, torch.float32), requires_grad=False)
+                else:
+                    m.weight.copy_(dequantize(q.packed, torch.float32))
     return dense
 
 
@@ -58,6 +61,47 @@ def test_embeddings_head_norms_router_stay_dense(tmp_path):
     layer = m.model.layers[0]
     assert layer.block_sparse_moe.gate.qspec is None
     assert layer.block_sparse_moe.experts[0].w1.qspec is not None and layer.self_attn.q_proj.qspec is not None
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-gqa-tied"])
+def test_packed_lm_head_equals_dense_on_dequantized_weights(tmp_path, kind):
+    make_checkpoint(kind, tmp_path)
+    q = zinfer.LLM(str(tmp_path), device="cpu", quant_bits=4, quant_group_size=32, quant_lm_head=True)
+    head, embed = q.model.lm_head, q.model.model.embed_tokens.weight
+    assert head.qspec is not None and not hasattr(head, "weight") and q.model.tied_weights == {}
+    state = load_file(tmp_path / "model.safetensors")
+    torch.testing.assert_close(embed, state["model.embed_tokens.weight"], rtol=0, atol=0)  # the embedding stays dense
+    # the head is packed from its own checkpoint tensor, or from the embedding it is tied to
+    source = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    assert (dequantize(head.packed, torch.float32) - source).abs().max() <= head.scale.max() / 2 + 1e-6
+    twin = dense_twin(tmp_path, q)
+    assert twin.model.lm_head.weight.data_ptr() != twin.model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(last_logits(q), last_logits(twin), rtol=1e-4, atol=1e-4)
+    assert [c.token_ids for c in q.generate(PROMPTS, PARAMS)] == [c.token_ids for c in twin.generate(PROMPTS, PARAMS)]
+
+
+def test_saved_packed_head_loads_as_saved(tmp_path, monkeypatch):
+    make_checkpoint("llama-gqa-tied", tmp_path / "dense")
+    q = zinfer.LLM(str(tmp_path / "dense"), device="cpu", quant_bits=8, quant_group_size=32, quant_lm_head=True)
+    q.save(tmp_path / "q8")
+    dense_head = zinfer.LLM(str(tmp_path / "dense"), device="cpu", quant_bits=8, quant_group_size=32)
+    dense_head.save(tmp_path / "q8-dense-head")
+    saved = load_file(tmp_path / "q8" / "model.safetensors")
+    assert "lm_head.qweight" in saved and "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+    import zinfer.layers.linear as linear
+
+    monkeypatch.setattr(linear, "quantize", lambda *a, **k: pytest.fail("re-quantized a quantized checkpoint"))
+    again = zinfer.LLM(str(tmp_path / "q8"), device="cpu")
+    assert again.quant_lm_head and again.model.lm_head.qspec is not None
+    assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in q.generate(PROMPTS, PARAMS)]
+    with pytest.raises(zinfer.ZinferError, match="LM head dense; it cannot be loaded as .*LM head packed"):
+        zinfer.LLM(str(tmp_path / "q8-dense-head"), device="cpu", quant_lm_head=True)
+
+
+def test_packed_lm_head_needs_quantized_layers(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    with pytest.raises(zinfer.ZinferError, match="quant_lm_head .* needs quant_bits=4 or 8"):
+        zinfer.LLM(str(tmp_path), device="cpu", quant_lm_head=True)
 
 
 def test_saved_quantized_checkpoint_loads_without_requantizing(tmp_path, monkeypatch):

@@ -275,7 +275,10 @@ def test_tp2_matches_one_process_for_every_family(checkpoints, script, tmp_path)
               case("llama sampled", checkpoints["llama"], SAMPLED),
               # groups of 16 divide every rank's input features: each rank packs exactly one process's groups
               case("bloom int4", checkpoints["bloom"], quant_bits=4, quant_group_size=16),
-              case("mixtral int8", checkpoints["mixtral"], quant_bits=8, quant_group_size=16)]
+              case("mixtral int8", checkpoints["mixtral"], quant_bits=8, quant_group_size=16),
+              # the replicated head packed from the tied embedding on every rank
+              case("llama-gqa-tied int4 head", checkpoints["llama-gqa-tied"], quant_bits=4, quant_group_size=16,
+                   quant_lm_head=True)]
     check_parity(2, script, cases, tmp_path)
 
 

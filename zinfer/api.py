@@ -103,9 +103,9 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         self.seed = seed
         empty = build_empty(self.config, meta=meta, tp=self.tp)
-        self.quant = self._quant_spec()
+        self.quant, self.quant_lm_head = self._quant_spec()
         if self.quant is not None:
-            quantize_shells(empty, self.quant, self.dtype)
+            quantize_shells(empty, self.quant, self.dtype, lm_head=self.quant_lm_head)
         # under tp each rank plans, holds and streams only its shard, against its own GPU's memory
         self.plan = make_plan(empty, self.options, self.device, self.dtype) if self.options.offload != "none" else None
         streaming = self.plan is not None and bool(self.plan.streamed)
@@ -130,19 +130,26 @@ class LLM:
         self.tokenizer = self.source.tokenizer()
         self.last_timings = Timings()
 
-    def _quant_spec(self) -> QuantSpec | None:
-        """From quant_bits/quant_group_size, or the spec saved beside a quantized checkpoint."""
+    def _quant_spec(self) -> tuple[QuantSpec | None, bool]:
+        """The format and whether the LM head is packed too: from quant_bits/quant_group_size/quant_lm_head, or
+        as saved beside a quantized checkpoint."""
         saved = self.source.directory / QUANT_CONFIG if self.source.directory is not None else None
-        asked = None
+        asked, head = None, self.options.quant_lm_head
         if self.options.quant_bits != 16:
             asked = QuantSpec(bits=self.options.quant_bits, group_size=self.options.quant_group_size)
-        if saved is None or not saved.exists():
-            return asked
-        spec = QuantSpec.from_dict(json.loads(saved.read_text()))
-        if asked is not None and asked != spec:
-            raise InputError(f"{self.source.name!r} is a checkpoint quantized as {spec}; it cannot be loaded "
-                             f"as {asked}: drop quant_bits or use the dense checkpoint")
-        return spec
+        if saved is not None and saved.exists():
+            fields = json.loads(saved.read_text())
+            saved_head = bool(fields.pop("lm_head", False))
+            spec = QuantSpec.from_dict(fields)
+            if (asked is not None and asked != spec) or (head and not saved_head):
+                wanted = f"{asked or spec}{', LM head packed' if head else ''}"
+                raise InputError(f"{self.source.name!r} is a checkpoint quantized as {spec}"
+                                 f"{', LM head packed' if saved_head else ', LM head dense'}; it cannot be loaded as "
+                                 f"{wanted}: drop the quant options or use the dense checkpoint")
+            return spec, saved_head
+        if head and asked is None:
+            raise InputError("quant_lm_head packs the LM head like the layers: it needs quant_bits=4 or 8")
+        return asked, head
 
     def save(self, directory) -> Path:
         """Write the (quantized) weights as a Hugging Face-style directory that loads without re-quantizing."""
@@ -157,7 +164,8 @@ class LLM:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         if self.quant is not None:
-            (directory / QUANT_CONFIG).write_text(json.dumps(self.quant.to_dict(), indent=1))
+            (directory / QUANT_CONFIG).write_text(json.dumps({**self.quant.to_dict(), "lm_head": self.quant_lm_head},
+                                                             indent=1))
         tied = set(self.model.tied_weights)
         state = {n: p.detach().contiguous().clone().cpu() for n, p in self.model.named_parameters() if n not in tied}
         save_file(state, str(directory / "model.safetensors"))

@@ -32,6 +32,7 @@ class EngineConfig:
     pin_memory: bool = True
     quant_bits: int = 16  # 4 | 8 | 16 (= off)
     quant_group_size: int = 64
+    quant_lm_head: bool = False  # also pack the LM head (a tied one gets its own packed copy; embeddings stay dense)
     kv_offload: bool = False
     pin_kv_cache: bool = False
     async_kv_offload: bool = False

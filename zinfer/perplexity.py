@@ -55,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--quant-bits", "--quant_bits", type=int, choices=(4, 8, 16), default=16)
     p.add_argument("--quant-group-size", "--quant_group_size", type=positive_int, default=64)
+    p.add_argument("--quant-lm-head", "--quant_lm_head", action="store_true",
+                   help="with --quant-bits 4 or 8: pack the LM head too (by default it stays dense)")
     p.add_argument("--calibration", default=None, metavar="TEXT_FILE",
                    help="with --quant-bits 4 or 8: fit the quantized weights to the inputs each layer sees on this "
                         "text (zinfer.calibrate) instead of to the weights alone; use a text other than FILE")
@@ -73,10 +75,13 @@ def run(args: argparse.Namespace) -> int:
         calibration = Path(args.calibration)
         if args.quant_bits == 16:
             raise InputError("--calibration fits quantized weights: give --quant-bits 4 or 8 as well")
+        if args.quant_lm_head:
+            raise InputError("--calibration fits the decoder layers only: drop --quant-lm-head with it")
         if not calibration.is_file():
             raise InputError(f"no such calibration text file: {calibration}")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
-              quant_bits=16 if calibration else args.quant_bits, quant_group_size=args.quant_group_size)
+              quant_bits=16 if calibration else args.quant_bits, quant_group_size=args.quant_group_size,
+              quant_lm_head=args.quant_lm_head)
     if calibration:
         from zinfer.calibrate import calibrate_quantize
         from zinfer.quant import QuantSpec
@@ -86,12 +91,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = perplexity(llm, path.read_text(encoding="utf-8"), args.window, args.stride)
     result.update(file=str(path), model=llm.source.name, quant_bits=args.quant_bits,
-                  quant_group_size=args.quant_group_size, calibration=args.calibration,
+                  quant_group_size=args.quant_group_size, quant_lm_head=llm.quant_lm_head, calibration=args.calibration,
                   seconds=time.perf_counter() - start)
     if args.json:
         print(json.dumps(result))
     else:
         calibrated = f", calibrated on {args.calibration}" if args.calibration else ""
+        calibrated += ", LM head packed" if llm.quant_lm_head else ""
         print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
               f"(window {result['window']}, stride {result['stride']}, quant_bits {args.quant_bits}{calibrated})")
     return 0

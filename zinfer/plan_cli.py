@@ -29,6 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="free GPU memory to plan for (default: measured on this machine's GPU)")
     p.add_argument("--quant-bits", "--quant_bits", type=int, choices=(4, 8, 16), default=16)
     p.add_argument("--quant-group-size", "--quant_group_size", type=positive_int, default=64)
+    p.add_argument("--quant-lm-head", "--quant_lm_head", action="store_true", help="pack the LM head too")
     kv = p.add_argument_group("KV cache", "where the cache of a request lives, and the largest batch that fits "
                                           "with it on the GPU and offloaded")
     kv.add_argument("--kv-offload", "--kv_offload", action="store_true", help="plan the cache in CPU memory")
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     options = EngineConfig(offload=args.offload if args.offload != "none" else "auto",
                            offload_dir=args.offload_dir or ("." if args.offload == "nvme" else None),
                            gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, quant_bits=args.quant_bits,
-                           quant_group_size=args.quant_group_size, kv_offload=args.kv_offload,
+                           quant_group_size=args.quant_group_size, quant_lm_head=args.quant_lm_head,
+                           kv_offload=args.kv_offload,
                            pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
                            kv_attention=args.kv_attention)
     free = parse_bytes(args.gpu_free)
@@ -65,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
         free = torch.cuda.mem_get_info()[0]
     model = build_empty(source.config)
     if args.quant_bits != 16:
-        quantize_shells(model, QuantSpec(bits=args.quant_bits, group_size=args.quant_group_size), dtype)
+        quantize_shells(model, QuantSpec(bits=args.quant_bits, group_size=args.quant_group_size), dtype,
+                        lm_head=args.quant_lm_head)
     plan = make_plan(model, options, device, dtype, free_gpu=free)
     h2d = None
     if torch.cuda.is_available():
         cached = _load(cache_path(device)) or {}
         h2d = cached.get("h2d_pinned_bytes_per_s")
     q = f", int{args.quant_bits} g{args.quant_group_size}" if args.quant_bits != 16 else ""
+    q += " (LM head too)" if q and args.quant_lm_head else ""
     print(f"{source.name}: {dtype}{q}, {free / 2**30:.1f} GiB GPU free, offload={options.offload}")
     print(plan.table(h2d))
     # the cache gets what the weights leave: GPU memory after the resident units and the streaming buffer, host

@@ -110,6 +110,8 @@ def add_workload_flags(parser) -> None:
                    help="weight bits: 4, 8 or 16 (= not quantized; default)")
     p.add_argument(*_names("quant-group-size"), type=positive_int, default=d.quant_group_size, metavar="N",
                    help=f"weights per quantization group (default: {d.quant_group_size})")
+    p.add_argument(*_names("quant-lm-head"), action="store_true",
+                   help="with --quant-bits 4 or 8: pack the LM head too (by default it stays dense)")
     p.add_argument(*_names("num-nodes"), type=positive_int, default=d.num_nodes, metavar="N",
                    help="nodes; nodes x GPUs per node > 1 runs tensor-parallel")
     p.add_argument(*_names("num-gpus-per-node"), type=positive_int, default=d.num_gpus_per_node, metavar="N",

@@ -33,6 +33,7 @@ class BenchConfig:
     kv_offload: bool = False
     quant_bits: int = 16  # 16 means unquantized weights
     quant_group_size: int = 64
+    quant_lm_head: bool = False  # pack the LM head too
     pin_kv_cache: bool = False
     async_kv_offload: bool = False
     loops: int = 3
@@ -45,6 +46,8 @@ class BenchConfig:
                 raise ValueError(f"BenchConfig.{name} must be a positive int, got {value!r}")
         if self.quant_bits not in (4, 8, 16):
             raise ValueError(f"BenchConfig.quant_bits must be 4, 8 or 16, got {self.quant_bits!r}")
+        if self.quant_lm_head and self.quant_bits == 16:
+            raise ValueError("BenchConfig.quant_lm_head packs the LM head like the layers: it needs quant_bits 4 or 8")
         if self.verbose not in (0, 1, 2):
             raise ValueError(f"BenchConfig.verbose must be 0, 1 or 2, got {self.verbose!r}")
         # The seed silently prefers cpu when both are set; a plan must not guess which one was meant.

@@ -45,7 +45,7 @@ def world_size(config: BenchConfig) -> int:
 def engine_options(config: BenchConfig, pin_memory: bool = True) -> dict:
     """The LLM engine options this configuration asks for (unimplemented ones make LLM refuse clearly)."""
     options = dict(pin_memory=pin_memory, quant_bits=config.quant_bits, quant_group_size=config.quant_group_size,
-                   kv_offload=config.kv_offload, pin_kv_cache=config.pin_kv_cache,
+                   quant_lm_head=config.quant_lm_head, kv_offload=config.kv_offload, pin_kv_cache=config.pin_kv_cache,
                    async_kv_offload=config.async_kv_offload, tp=world_size(config))
     if config.cpu_offload:
         options["offload"] = "cpu"

@@ -55,16 +55,20 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().nbytes() > t.nbytes else t
 
 
-def quantizable_linears(model: CausalLM) -> list[Linear]:
-    """The Linears quantization packs: those of the decoder layers not marked otherwise (embeddings, LM head,
-    norms and MoE routers stay dense), not yet packed."""
-    return [m for layer in model.decoder_layers() for m in layer.modules()
-            if isinstance(m, Linear) and m.quantizable and m.qspec is None]
+def quantizable_linears(model: CausalLM, lm_head: bool = False) -> list[Linear]:
+    """The Linears quantization packs, not yet packed: those of the decoder layers not marked otherwise
+    (embeddings, norms and MoE routers stay dense), and the LM head when `lm_head` (by default it stays dense:
+    its error is not averaged over layers, and a tied head would need a second, packed copy of the embedding)."""
+    linears = [m for layer in model.decoder_layers() for m in layer.modules()
+               if isinstance(m, Linear) and m.quantizable]
+    if lm_head:
+        linears.append(model.lm_head)
+    return [m for m in linears if m.qspec is None]
 
 
-def quantize_shells(model: CausalLM, spec: QuantSpec, dtype) -> None:
+def quantize_shells(model: CausalLM, spec: QuantSpec, dtype, lm_head: bool = False) -> None:
     """Make every quantizable Linear packed (still empty). Call before planning (sizes) and loading."""
-    for m in quantizable_linears(model):
+    for m in quantizable_linears(model, lm_head):
         m.set_quantized(spec, dtype)
 
 
@@ -133,6 +137,13 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
             keep = shards is None or (borrowed is not None and borrowed(value))
             _assign(model, target, value if keep else _owned(value))
         loaded.add(target)
+    for dst, src in model.tied_weights.items():
+        if dst in dense_for_packed:  # a packed head is never tied: it holds its own packed copy of the embedding
+            prefix = dst[: -len("weight")]
+            if prefix + "qweight" not in loaded and src in loaded:
+                packed = dense_for_packed[dst].load_weight(model.get_parameter(src), place(dst), dtype)
+                loaded.update(prefix + n for n in packed)
+            loaded.add(dst)
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
