@@ -132,3 +132,22 @@ def test_partly_resident_model_equals_resident(offload, tmp_path):
     if offload == "cpu":
         assert sorted(mixed.streamer.host) == sorted(n for n, p in places.items() if p == "cpu")
     assert [c.token_ids for c in mixed.generate(prompts, params)] == resident
+
+
+def test_packed_lm_head_on_gpu(tmp_path):
+    # the head of a tied model packed (its own copy of the embedding), run by the fused kernels in the captured step
+    make_checkpoint("llama-gqa-tied", tmp_path)
+    opts = dict(quant_bits=4, quant_group_size=32, quant_lm_head=True)
+    gpu = zinfer.LLM(str(tmp_path), dtype="bfloat16", device="cuda", **opts)
+    cpu = zinfer.LLM(str(tmp_path), dtype="float32", device="cpu", **opts)
+    assert gpu.model.lm_head.qspec is not None and cpu.model.lm_head.qspec is not None
+    p = max(map(len, PROMPTS))
+    logits = []
+    for llm, device in ((gpu, "cuda"), (cpu, "cpu")):
+        batch = PaddedBatch.from_prompts(PROMPTS, 0, p, device)
+        with torch.no_grad():
+            logits.append(llm.model(batch.tokens, llm.engine.new_cache(len(PROMPTS), p),
+                                    batch.prefill_inputs(llm.model.sliding_window))[:, -1].float().cpu())
+    assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 2e-2
+    out = gpu.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert gpu.engine.state.graph is not None and all(len(c.token_ids) == 8 for c in out)
