@@ -220,7 +220,7 @@ def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr
 
 @triton.jit
 def _words_load(
-    q_rows, s_rows, z_rows, x_rows, unit, mask,
+    q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, mask,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     # The operands of one tile of _gemv_words_kernel: unit [BW] indices of the load units in the row (hinted
@@ -232,25 +232,23 @@ def _words_load(
     WPU: tl.constexpr = 2 if WIDE else 1  # words per unit
     UPG: tl.constexpr = GROUP * BITS // 32 // WPU  # units per group
     HALF: tl.constexpr = 1 << (BITS - 1)
-    # s_rows, z_rows: [1, BN, 1] row pointers made once per program, so a tile's scale and zero loads cost one
-    # address instruction per row (offsets from bare s_ptr / z_ptr cost ~5: 8% of the int4 loop's instructions)
-    group = (unit // UPG)[:, None, None]  # [BW, 1, 1]
+    offs_p = tl.arange(0, P)[None, None, None, :]
+    group = s_rows + (unit // UPG)[:, None, None]  # [BW, BN, 1]
     # [BW, 1, BM, P] int32; the rows of x on axis 2, after the unit's axis: so Triton keeps them in each thread's
     # registers (first, they were spread over lanes, and every use went through shared memory)
-    offs_p = tl.arange(0, P)[None, None, None, :]
     x_ptrs = x_rows[None, None, :, None] + (unit[:, None, None, None] * (P * WPU) + offs_p)
     if mask is None:  # the main loop: unpredicated loads
         w = tl.load(q_rows + unit[:, None, None], eviction_policy="evict_first")
-        s = tl.load(s_rows + group).to(tl.float32)
-        z = tl.load(z_rows + group).to(tl.float32) if HAS_ZERO else s * (-HALF)  # (q - HALF) * s = q * s + z
+        s = tl.load(s_ptr + group).to(tl.float32)
+        z = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else s * (-HALF)  # (q - HALF) * s = q * s + z
         xw = tl.load(x_ptrs)
         xw2 = tl.load(x_ptrs + P) if WIDE else xw
     else:  # the ragged tail: masked-off lanes read as zero codes, scales and x, so they add nothing
         lane = mask[:, None, None, None]
         w = tl.load(q_rows + unit[:, None, None], mask=mask[:, None, None], other=0, eviction_policy="evict_first")
-        s = tl.load(s_rows + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_rows + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
         else:
             z = s * (-HALF)
         xw = tl.load(x_ptrs, mask=lane, other=0)
@@ -302,8 +300,7 @@ def _gemv_words_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: rows need no mask
     q_rows = q_ptr + rows[None, :, None] * stride_qn  # [1, BN, 1]
-    s_rows = s_ptr + rows[None, :, None] * stride_sn  # [1, BN, 1]
-    z_rows = z_ptr + rows[None, :, None] * stride_sn
+    s_rows = rows[None, :, None] * stride_sn  # [1, BN, 1]
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm  # clamped like the weight rows
     offs_u = tl.arange(0, BLOCK_W)
@@ -314,24 +311,24 @@ def _gemv_words_kernel(
     if PREFETCH:
         if u_full > u_start:
             unit = tl.max_contiguous(u_start + offs_u, 1)  # one unit per thread: the x pairs' layout, no shuffle
-            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, z_rows, x_rows, unit, None,
+            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
             for u0 in range(u_start, u_full, BLOCK_W):
                 # the next tile; the last step reloads its own (a scalar clamp keeps the loads unpredicated: L1 hits)
                 unit = tl.max_contiguous(tl.minimum(u0 + BLOCK_W, u_full - BLOCK_W) + offs_u, 1)
-                w2, s2, z2, xa, xb = _words_load(q_rows, s_rows, z_rows, x_rows, unit, None,
+                w2, s2, z2, xa, xb = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                                  BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
                 acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
                 w, s, z, xw, xw2 = w2, s2, z2, xa, xb
     else:
         for u0 in range(u_start, u_full, BLOCK_W):
             unit = tl.max_contiguous(u0 + offs_u, 1)
-            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, z_rows, x_rows, unit, None,
+            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
             acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
     if u_full < u_end:  # ragged end of the split
         unit = tl.max_contiguous(u_full + offs_u, 1)
-        w, s, z, xw, xw2 = _words_load(q_rows, s_rows, z_rows, x_rows, unit, unit < u_end,
+        w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, unit < u_end,
                                        BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
         acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
     res = tl.sum(acc, axis=0)  # [BN, BM]
