@@ -60,12 +60,21 @@ def profile(model: str, batch: int, bits: int, head: bool, top: int) -> dict:
         print(f"  {g:18} {us / 1e3:7.3f} ms  {count:5d} kernels  {us / max(count, 1):7.1f} us each")
     for name, us, count in kernels[:top]:
         print(f"{us / 1e3:8.3f} ms  {count:5d}x  {us / max(count, 1):7.1f} us  {name[:100]}")
+    # the matmuls of the last profiled step in launch order: per weight (the first layer's, the LM head's last)
+    launched = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    last = launched[len(launched) - len(launched) // steps:]
+    order = [(e.name, e.time_range.elapsed_us()) for e in last if group_of(e.name) == "matmul"]
+    per_layer = (len(order) - 1) // llm.model.num_layers  # the LM head is the step's last matmul
+    print("matmuls of one step in order (first layer, then the LM head): "
+          + ", ".join(f"{n[:24]} {us:.1f} us" for n, us in order[:per_layer] + order[-1:]))
     llm.engine.release()
     del llm, state
     gc.collect()
     torch.cuda.empty_cache()
     return dict(replay_ms_median=times[25], replay_ms_min=times[0], kernel_ms=total / 1e3,
                 groups={g: dict(ms=us / 1e3, count=c) for g, (us, c) in groups.items()},
+                matmuls_in_order=[dict(name=n, us=us) for n, us in order],
                 kernels=[dict(name=n, us_per_step=us, count=c) for n, us, c in kernels])
 
 
