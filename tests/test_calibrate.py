@@ -2,6 +2,7 @@
 its inputs' E[x^2]; the result runs, saves and loads like any quantized model; mistakes are refused."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -117,7 +118,12 @@ def test_perplexity_cli_calibration_errors(tmp_path, capsys):
     assert "--calibration fits the decoder layers only: drop --quant-lm-head" in capsys.readouterr().err
     assert main(["perplexity", str(text), "--model", str(tiny), "--device", "cpu", "--quant-bits", "8",
                  "--quant-lm-head"]) == 0
-    assert "LM head packed" in capsys.readouterr().out
+    assert "quant_bits 8, LM head packed" in capsys.readouterr().out
+    # a saved quantized checkpoint reports the format it holds, not the (default) flags
+    zinfer.LLM(str(tiny), device="cpu", quant_bits=8, quant_group_size=32, quant_lm_head=True).save(tmp_path / "q8")
+    assert main(["perplexity", str(text), "--model", str(tmp_path / "q8"), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["quant_bits"], result["quant_group_size"], result["quant_lm_head"]) == (8, 32, True)
     assert main(["perplexity", str(text), "--model", str(tiny), "--device", "cpu", "--quant-bits", "4",
                  "--quant-group-size", "32", "--calibration", str(text), "--json"]) == 0
     assert f'"calibration": "{text}"' in capsys.readouterr().out

@@ -72,6 +72,15 @@ def test_plan_cli_sizes_the_kv_cache_each_way(capsys):
     assert "needs kv_offload=True" in capsys.readouterr().err
 
 
+def test_plan_cli_packed_lm_head(capsys):
+    argv = ["plan", "--model", "llama-3-8b", "--gpu-free", "24GiB"]
+    assert main(argv + ["--quant-bits", "4", "--quant-lm-head"]) == 0
+    out = capsys.readouterr().out
+    assert "int4 g64 (LM head too)" in out and "rest             1283.8Mi" in out  # the 1002 MiB fp16 head packed
+    assert main(argv + ["--quant-lm-head"]) == 2
+    assert "--quant-lm-head packs the LM head like the layers: it needs --quant-bits 4 or 8" in capsys.readouterr().err
+
+
 def test_plan_cli_impossible_budget(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--offload", "cpu", "--gpu-memory", "1GiB",
                  "--gpu-free", "80GiB"]) == 2

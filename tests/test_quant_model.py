@@ -1,6 +1,8 @@
 """Quantized models: the packed path computes the model on the dequantized weights, and stays invisible
 to the model files; quantized checkpoints save/load; packed bytes are what is stored and streamed."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,19 +65,23 @@ def test_embeddings_head_norms_router_stay_dense(tmp_path):
     assert layer.block_sparse_moe.experts[0].w1.qspec is not None and layer.self_attn.q_proj.qspec is not None
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-gqa-tied"])
+EMBEDDING = {"llama": "model.embed_tokens.weight", "llama-gqa-tied": "model.embed_tokens.weight",
+             "opt": "model.decoder.embed_tokens.weight", "bloom": "transformer.word_embeddings.weight"}
+
+
+@pytest.mark.parametrize("kind", sorted(EMBEDDING))  # untied; tied under each family's own names
 def test_packed_lm_head_equals_dense_on_dequantized_weights(tmp_path, kind):
     make_checkpoint(kind, tmp_path)
     q = zinfer.LLM(str(tmp_path), device="cpu", quant_bits=4, quant_group_size=32, quant_lm_head=True)
-    head, embed = q.model.lm_head, q.model.model.embed_tokens.weight
+    head, embed = q.model.lm_head, q.model.get_parameter(EMBEDDING[kind])
     assert head.qspec is not None and not hasattr(head, "weight") and q.model.tied_weights == {}
     state = load_file(tmp_path / "model.safetensors")
-    torch.testing.assert_close(embed, state["model.embed_tokens.weight"], rtol=0, atol=0)  # the embedding stays dense
+    torch.testing.assert_close(embed, state[EMBEDDING[kind]], rtol=0, atol=0)  # the embedding stays dense
     # the head is packed from its own checkpoint tensor, or from the embedding it is tied to
-    source = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    source = state.get("lm_head.weight", state[EMBEDDING[kind]])
     assert (dequantize(head.packed, torch.float32) - source).abs().max() <= head.scale.max() / 2 + 1e-6
     twin = dense_twin(tmp_path, q)
-    assert twin.model.lm_head.weight.data_ptr() != twin.model.model.embed_tokens.weight.data_ptr()
+    assert twin.model.lm_head.weight.data_ptr() != embed.data_ptr()
     torch.testing.assert_close(last_logits(q), last_logits(twin), rtol=1e-4, atol=1e-4)
     assert [c.token_ids for c in q.generate(PROMPTS, PARAMS)] == [c.token_ids for c in twin.generate(PROMPTS, PARAMS)]
 
@@ -94,8 +100,26 @@ def test_saved_packed_head_loads_as_saved(tmp_path, monkeypatch):
     again = zinfer.LLM(str(tmp_path / "q8"), device="cpu")
     assert again.quant_lm_head and again.model.lm_head.qspec is not None
     assert [c.token_ids for c in again.generate(PROMPTS, PARAMS)] == [c.token_ids for c in q.generate(PROMPTS, PARAMS)]
+    # a dense head is not written down: versions without the option read the file as a bare QuantSpec
+    assert "lm_head" not in json.loads((tmp_path / "q8-dense-head" / "quant_config.json").read_text())
     with pytest.raises(zinfer.ZinferError, match="LM head dense; it cannot be loaded as .*LM head packed"):
         zinfer.LLM(str(tmp_path / "q8-dense-head"), device="cpu", quant_lm_head=True)
+
+
+def test_packed_lm_head_streamed_model_and_missing_head(tmp_path):
+    make_checkpoint("opt", tmp_path / "ckpt")
+    opts = dict(device="cpu", quant_bits=4, quant_group_size=32, quant_lm_head=True)
+    resident = zinfer.LLM(str(tmp_path / "ckpt"), **opts)
+    streamed = zinfer.LLM(str(tmp_path / "ckpt"), offload="nvme", offload_dir=str(tmp_path / "off"), **opts)
+    assert streamed.model.lm_head.qspec is not None
+    assert [c.token_ids for c in streamed.generate(PROMPTS, PARAMS)] == [
+        c.token_ids for c in resident.generate(PROMPTS, PARAMS)]
+    make_checkpoint("llama", tmp_path / "headless")
+    state = load_file(tmp_path / "headless" / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, tmp_path / "headless" / "model.safetensors")
+    with pytest.raises(zinfer.ZinferError, match=r"missing 1 tensor\(s\): lm_head.weight \(or its packed qweight"):
+        zinfer.LLM(str(tmp_path / "headless"), **opts)
 
 
 def test_packed_lm_head_needs_quantized_layers(tmp_path):

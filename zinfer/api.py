@@ -164,8 +164,9 @@ class LLM:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         if self.quant is not None:
-            (directory / QUANT_CONFIG).write_text(json.dumps({**self.quant.to_dict(), "lm_head": self.quant_lm_head},
-                                                             indent=1))
+            # "lm_head" only when packed: a checkpoint with a dense head stays readable by versions without the option
+            fields = {**self.quant.to_dict(), **({"lm_head": True} if self.quant_lm_head else {})}
+            (directory / QUANT_CONFIG).write_text(json.dumps(fields, indent=1))
         tied = set(self.model.tied_weights)
         state = {n: p.detach().contiguous().clone().cpu() for n, p in self.model.named_parameters() if n not in tied}
         save_file(state, str(directory / "model.safetensors"))

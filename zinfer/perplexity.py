@@ -90,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
                            QuantSpec(bits=args.quant_bits, group_size=args.quant_group_size))
     start = time.perf_counter()
     result = perplexity(llm, path.read_text(encoding="utf-8"), args.window, args.stride)
-    result.update(file=str(path), model=llm.source.name, quant_bits=args.quant_bits,
-                  quant_group_size=args.quant_group_size, quant_lm_head=llm.quant_lm_head, calibration=args.calibration,
+    spec = llm.quant  # what the model holds: a saved quantized checkpoint brings its own format
+    result.update(file=str(path), model=llm.source.name, quant_bits=spec.bits if spec else 16,
+                  quant_group_size=spec.group_size if spec else None, quant_lm_head=llm.quant_lm_head,
+                  calibration=args.calibration,
                   seconds=time.perf_counter() - start)
     if args.json:
         print(json.dumps(result))
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         calibrated = f", calibrated on {args.calibration}" if args.calibration else ""
         calibrated += ", LM head packed" if llm.quant_lm_head else ""
         print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-              f"(window {result['window']}, stride {result['stride']}, quant_bits {args.quant_bits}{calibrated})")
+              f"(window {result['window']}, stride {result['stride']}, quant_bits {result['quant_bits']}{calibrated})")
     return 0
 
 

@@ -6,6 +6,7 @@ import torch
 
 from zinfer.api import resolve_dtype
 from zinfer.config import EngineConfig, parse_bytes
+from zinfer.errors import InputError
 from zinfer.offload.plan import CPU, GPU, cached_bandwidths, free_host_bytes, kv_plan_text, make_plan
 from zinfer.quant import QuantSpec
 from zinfer.weights.loader import build_empty, quantize_shells
@@ -48,6 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from zinfer.bench.ceilings import _load, cache_path
 
+    if args.quant_lm_head and args.quant_bits == 16:
+        raise InputError("--quant-lm-head packs the LM head like the layers: it needs --quant-bits 4 or 8")
     source = resolve(args.model)
     device = torch.device("cuda")
     dtype = resolve_dtype(args.dtype, source.config, device)
@@ -61,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     free = parse_bytes(args.gpu_free)
     if free is None:
         if not torch.cuda.is_available():
-            from zinfer.errors import InputError
-
             raise InputError("no GPU on this machine: say how much GPU memory to plan for with --gpu-free 24GiB")
         free = torch.cuda.mem_get_info()[0]
     model = build_empty(source.config)

@@ -93,6 +93,8 @@ def workload_notes(config: BenchConfig) -> list[str]:
                      "own model copies)")
     if config.quant_bits != 16:
         notes.append(f"{config.quant_bits}-bit weights: only zinfer and deepspeed (4-bit init) quantize")
+    if config.quant_lm_head:
+        notes.append("the LM head is packed in zinfer only: the peers keep it dense")
     return notes
 
 
@@ -112,7 +114,7 @@ def compare(config: BenchConfig, device="auto", dtype="auto", *, peers=None, com
     workload = dict(model=config.model, batch_size=config.batch_size, prompt_len=config.prompt_len,
                     gen_len=config.gen_len, loops=config.loops, dtype=str(dtype).removeprefix("torch."),
                     device=str(device), offload=offload, kv_offload=config.kv_offload, quant_bits=config.quant_bits,
-                    dummy=config.dummy)
+                    **({"quant_lm_head": True} if config.quant_lm_head else {}), dummy=config.dummy)
     try:
         rows = [zinfer_row(config, device, dtype, compile=compile, seed=seed, pin_memory=pin_memory)]
     except Exception as e:  # a bug in zinfer: keep the traceback, and say which workload hit it

@@ -32,8 +32,6 @@ def store_key(model: nn.Module, source_name: str, dtype: torch.dtype, options: E
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     key = {"model": source_name, "config": hashlib.sha256(config.encode()).hexdigest()[:16], CONTENT: weights,
            "dtype": str(dtype), "quant_bits": options.quant_bits, "quant_group_size": options.quant_group_size}
-    if options.quant_lm_head:  # a store made before this option existed keeps its key
-        key["quant_lm_head"] = True
     if tp.size > 1:  # one process keeps the directory it always had
         key.update(tp_size=tp.size, tp_rank=tp.rank)
     return key

@@ -144,7 +144,14 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
                 packed = dense_for_packed[dst].load_weight(model.get_parameter(src), place(dst), dtype)
                 loaded.update(prefix + n for n in packed)
             loaded.add(dst)
-    missing = [n for n in params if n not in loaded and n not in tied]
+    def asked(name: str) -> str:  # a packed Linear's tensors come from a dense checkpoint as its `weight`
+        prefix, _, last = name.rpartition(".")
+        dense = f"{prefix}.weight"
+        return dense if last in MergedLinears.PACKED and dense in dense_for_packed else name
+
+    # a tied head whose source is missing is not named: the source is
+    missing = list(dict.fromkeys(asked(n) for n in params if n not in loaded and asked(n) not in tied))
+    missing = [f"{n} (or its packed qweight, scale, zero)" if n in dense_for_packed else n for n in missing]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}{more}")
