@@ -14,8 +14,9 @@ from in_gpu import variant_tag, weight_variants  # this folder: run as a script
 
 import zinfer
 
-# kernel-name fragments -> group; the first group whose fragment a name holds wins
-GROUPS = (("matmul", ("gemv", "gemm", "mma", "nvjet", "cutlass", "xmma", "sm90_", "splitk", "reduce_kernel")),
+# kernel-name fragments -> group; the first group whose fragment a name holds wins. cuBLAS kernels (nvjet ...) count as
+# matmuls, attention's batched ones included: their names do not say which (the launch-order listing does)
+GROUPS = (("matmul", ("gemv", "skinny", "gemm", "mma", "nvjet", "cutlass", "xmma", "sm90_", "splitk", "reduce_kernel")),
           ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
           ("fused elementwise", ("triton_",)))
 
@@ -26,6 +27,7 @@ def group_of(name: str) -> str:
 
 
 def profile(model: str, batch: int, bits: int, head: bool, top: int) -> dict:
+    first, tail = 20, 8  # kernels listed from the start (the first layer) and the end (LM head, sampling) of a step
     quant = {} if bits == 16 else dict(quant_bits=bits, quant_lm_head=head)
     llm = zinfer.LLM(model, dummy=True, dtype="bfloat16", device="cuda", **quant)
     ids = [[100 + i] * 128 for i in range(batch)]
@@ -60,21 +62,21 @@ def profile(model: str, batch: int, bits: int, head: bool, top: int) -> dict:
         print(f"  {g:18} {us / 1e3:7.3f} ms  {count:5d} kernels  {us / max(count, 1):7.1f} us each")
     for name, us, count in kernels[:top]:
         print(f"{us / 1e3:8.3f} ms  {count:5d}x  {us / max(count, 1):7.1f} us  {name[:100]}")
-    # the matmuls of the last profiled step in launch order: per weight (the first layer's, the LM head's last)
+    # the last profiled step's kernels in launch order: each weight's own time (names alone do not tell the layers'
+    # matmuls from the LM head's, or cuBLAS GEMVs from attention's batched matmuls)
     launched = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                       key=lambda e: e.time_range.start)
-    last = launched[len(launched) - len(launched) // steps:]
-    order = [(e.name, e.time_range.elapsed_us()) for e in last if group_of(e.name) == "matmul"]
-    per_layer = (len(order) - 1) // llm.model.num_layers  # the LM head is the step's last matmul
-    print("matmuls of one step in order (first layer, then the LM head): "
-          + ", ".join(f"{n[:24]} {us:.1f} us" for n, us in order[:per_layer] + order[-1:]))
+    order = [(e.name, e.time_range.elapsed_us()) for e in launched[len(launched) - len(launched) // steps:]]
+    print(f"one step's kernels in launch order, the first {first} and the last {tail}:")
+    for n, us in order[:first] + [("...", 0.0)] + order[-tail:]:
+        print(f"  {us:7.1f} us  {n[:100]}")
     llm.engine.release()
     del llm, state
     gc.collect()
     torch.cuda.empty_cache()
     return dict(replay_ms_median=times[25], replay_ms_min=times[0], kernel_ms=total / 1e3,
                 groups={g: dict(ms=us / 1e3, count=c) for g, (us, c) in groups.items()},
-                matmuls_in_order=[dict(name=n, us=us) for n, us in order],
+                step_in_order=[dict(name=n, us=us) for n, us in order],
                 kernels=[dict(name=n, us_per_step=us, count=c) for n, us, c in kernels])
 
 
