@@ -58,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
                            offload_dir=args.offload_dir or ("." if args.offload == "nvme" else None),
                            gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, quant_bits=args.quant_bits,
                            quant_group_size=args.quant_group_size, quant_lm_head=args.quant_lm_head,
-                           kv_offload=args.kv_offload,
-                           pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
-                           kv_attention=args.kv_attention)
+                           kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache,
+                           async_kv_offload=args.async_kv_offload, kv_attention=args.kv_attention)
     free = parse_bytes(args.gpu_free)
     if free is None:
         if not torch.cuda.is_available():
