@@ -120,6 +120,12 @@ def test_packed_lm_head_streamed_model_and_missing_head(tmp_path):
     save_file(state, tmp_path / "headless" / "model.safetensors")
     with pytest.raises(zinfer.ZinferError, match=r"missing 1 tensor\(s\): lm_head.weight \(or its packed qweight"):
         zinfer.LLM(str(tmp_path / "headless"), **opts)
+    make_checkpoint("llama-gqa-tied", tmp_path / "no-embedding")  # the tied head's source is named, not the head
+    state = load_file(tmp_path / "no-embedding" / "model.safetensors")
+    del state["model.embed_tokens.weight"]
+    save_file(state, tmp_path / "no-embedding" / "model.safetensors")
+    with pytest.raises(zinfer.ZinferError, match=r"missing 1 tensor\(s\): model.embed_tokens.weight$"):
+        zinfer.LLM(str(tmp_path / "no-embedding"), **opts)
 
 
 def test_packed_lm_head_needs_quantized_layers(tmp_path):

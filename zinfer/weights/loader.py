@@ -101,6 +101,11 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
                    if isinstance(m, Linear) and m.qspec is not None and m.tp is not None for n in MergedLinears.PACKED}
     tied = set(model.tied_weights)
     loaded, unexpected = set(), []
+
+    def pack(target: str, dense: torch.Tensor) -> None:  # a packed Linear's `weight` read from a dense tensor
+        prefix = target[: -len("weight")]
+        loaded.update(prefix + n for n in dense_for_packed[target].load_weight(dense, place(target), dtype))
+
     names = params.keys() | dense_for_packed.keys()
     for name, tensor in weights:
         target = _match(name, names, model.checkpoint_prefixes)
@@ -115,8 +120,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
             if tensor.shape != (lin.out_features, lin.in_features):
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                                       f"{(lin.out_features, lin.in_features)}")
-            prefix = target[: -len("weight")]
-            loaded.update(prefix + n for n in lin.load_weight(tensor, place(target), dtype))
+            pack(target, tensor)
             continue
         expected = params[target].shape
         if shards is not None:
@@ -139,18 +143,18 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], d
         loaded.add(target)
     for dst, src in model.tied_weights.items():
         if dst in dense_for_packed:  # a packed head is never tied: it holds its own packed copy of the embedding
-            prefix = dst[: -len("weight")]
-            if prefix + "qweight" not in loaded and src in loaded:
-                packed = dense_for_packed[dst].load_weight(model.get_parameter(src), place(dst), dtype)
-                loaded.update(prefix + n for n in packed)
+            if dst.removesuffix("weight") + "qweight" not in loaded and src in loaded:
+                pack(dst, model.get_parameter(src))
             loaded.add(dst)
+
     def asked(name: str) -> str:  # a packed Linear's tensors come from a dense checkpoint as its `weight`
         prefix, _, last = name.rpartition(".")
         dense = f"{prefix}.weight"
         return dense if last in MergedLinears.PACKED and dense in dense_for_packed else name
 
     # a tied head whose source is missing is not named: the source is
-    missing = list(dict.fromkeys(asked(n) for n in params if n not in loaded and asked(n) not in tied))
+    absent = (asked(n) for n in params if n not in loaded)
+    missing = list(dict.fromkeys(n for n in absent if n not in tied))
     missing = [f"{n} (or its packed qweight, scale, zero)" if n in dense_for_packed else n for n in missing]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
