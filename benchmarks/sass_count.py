@@ -34,25 +34,26 @@ def _build(fn, sig: dict, const: dict, warps: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
 
 
-def compile_offline(bits=4, group=64, tiles=1, warps=4, gpi=2, bf16=True, has_zero=True):
+def compile_offline(bits=4, group=64, tiles=1, warps=4, gpi=2, bf16=True, has_zero=True, pdl=False):
     """The MMA kernel built for sm_90 (no GPU needed): Triton's CompiledKernel (asm["ttgir"], asm["cubin"], ...)."""
     half = "bf16" if bf16 else "fp16"
     sig = {"x_ptr": "*i64", "q_ptr": "*i64", "s_ptr": f"*{half}", "z_ptr": f"*{half}", "out_ptr": f"*{half}",
            **{name: "i32" for name in ("M", "N", "NG", "G_PER_SPLIT", "stride_xm", "stride_qn", "stride_sn",
                                        "stride_os", "stride_om")}}  # fmt: skip
     const = {"BITS": bits, "GROUP": group, "HAS_ZERO": has_zero, "X_BF16": bf16, "TILES": tiles, "WARPS": warps,
-             "GPI": gpi, "ASM": True}  # fmt: skip
+             "GPI": gpi, "ASM": True, "PDL": pdl}  # fmt: skip
     return _build(tk._gemv_mma_kernel, sig, const, warps)
 
 
-def compile_words(bits=4, group=64, block_n=8, block_w=128, warps=4, wide=True, prefetch=False, bf16=True):
+def compile_words(bits=4, group=64, block_n=8, block_w=128, warps=4, wide=True, prefetch=False, bf16=True,
+                  pdl=False):
     """The word kernel (one row of x) built for sm_90."""
     half = "bf16" if bf16 else "fp16"
     sig = {"x_ptr": "*i32", "q_ptr": "*i64" if wide else "*i32", "s_ptr": f"*{half}", "z_ptr": f"*{half}",
            "out_ptr": f"*{half}", **{name: "i32" for name in ("M", "N", "KU", "U_PER_SPLIT", "stride_xm", "stride_qn",
                                                               "stride_sn", "stride_os", "stride_om")}}  # fmt: skip
     const = {"BITS": bits, "GROUP": group, "HAS_ZERO": True, "X_BF16": bf16, "WIDE": wide, "BLOCK_M": 1,
-             "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch, "ASM": True}  # fmt: skip
+             "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch, "ASM": True, "PDL": pdl}  # fmt: skip
     return _build(tk._gemv_words_kernel, sig, const, warps)
 
 
@@ -83,14 +84,15 @@ def main():
     p.add_argument("--narrow", action="store_true", help="words: one 32-bit word per load (default two)")
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--fp16", action="store_true", help="fp16 x (default bf16)")
+    p.add_argument("--pdl", action="store_true", help="built for dependent launch (first tile before the wait)")
     a = p.parse_args()
     if a.kernel == "mma":
-        body = loop_body(compile_offline(a.bits, a.group, a.tiles, a.warps, a.gpi, not a.fp16))
+        body = loop_body(compile_offline(a.bits, a.group, a.tiles, a.warps, a.gpi, not a.fp16, pdl=a.pdl))
         codes = a.group // 4 * 2 * a.tiles * a.gpi  # per lane and loop step: a quarter of each group of two rows
         what = f"TILES={a.tiles} WARPS={a.warps} GPI={a.gpi}"
     else:
         body = loop_body(compile_words(a.bits, a.group, a.block_n, a.block_w, a.warps, not a.narrow, a.prefetch,
-                                       not a.fp16))
+                                       not a.fp16, a.pdl))
         units = a.block_w // (32 * a.warps)  # per thread and loop step, for each of BLOCK_N weight rows
         codes = units * (1 if a.narrow else 2) * (32 // a.bits) * a.block_n
         what = f"BLOCK_N={a.block_n} BLOCK_W={a.block_w} warps={a.warps} {'narrow' if a.narrow else 'wide'}"

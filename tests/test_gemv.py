@@ -54,6 +54,15 @@ def test_switch_values_and_error():
         gemv.parse_mode("fast")
 
 
+def test_dependent_launch_switch():
+    assert [gemv.parse_pdl(v) for v in (None, "", "1", "on", " ON ", "0", "off")] == [
+        True, True, True, True, True, False, False]  # fmt: skip
+    with pytest.raises(ValueError, match=r"ZINFER_PDL must be 1 / on or 0 / off, got 'yes'"):
+        gemv.parse_pdl("yes")
+    if not torch.cuda.is_available():  # no CUDA device: nothing to launch dependently, torch.compile unchanged
+        assert gemv.inductor_options() == {}
+
+
 def test_cpu_goes_to_f_linear():
     x, w, b = torch.randn(2, 1, 24), torch.randn(8, 24), torch.randn(8)
     assert not gemv.uses_kernel(x, w, b)

@@ -1,5 +1,12 @@
 """On a CUDA device: parity with transformers in fp32 and bf16, and graph replay equal to eager."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -152,3 +159,41 @@ def test_packed_lm_head_on_gpu(tmp_path):
     assert ((got - want).norm() / want.norm()).item() < 1e-2
     out = packed.generate(PROMPTS, zinfer.SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert packed.engine.state.graph is not None and all(len(c.token_ids) == 8 for c in out)
+
+
+_PDL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import zinfer
+    from zinfer.layers import gemv, triton_gemv
+    x = torch.zeros(1, device="cuda")
+    if sys.argv[2] == "1" and not triton_gemv.pdl(x):
+        print("no dependent launch on this GPU / Triton"); sys.exit(3)
+    out = {}
+    for bits in (16, 8, 4):
+        quant = {} if bits == 16 else dict(quant_bits=bits, quant_group_size=32, quant_lm_head=True)
+        llm = zinfer.LLM(sys.argv[1], dtype="bfloat16", device="cuda", **quant)
+        res = llm.generate([[5, 6, 7, 8], [9, 10]], zinfer.SamplingParams(max_new_tokens=12, ignore_eos=True))
+        out[bits] = [[c.token_ids for c in res], llm.engine.state.logits.float().cpu().tolist()]
+    print(json.dumps({"options": gemv.inductor_options(), "out": out}))
+    """
+)
+
+
+def test_dependent_launch_changes_no_bit(tmp_path):
+    # ZINFER_PDL=1 (our GEMVs and torch.compile's kernels launched dependently, captured in the decode graph) and =0:
+    # the same kernels doing the same arithmetic, so the same tokens and bitwise the same logits, dense and packed
+    make_checkpoint("llama-gqa-tied", tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for flag in ("0", "1"):
+        env = {**os.environ, "ZINFER_PDL": flag, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+        r = subprocess.run([sys.executable, "-c", _PDL_SCRIPT, str(tmp_path), flag], env=env, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+        if r.returncode == 3:
+            pytest.skip(r.stdout.strip())
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert runs["0"]["options"] == {}
+    assert runs["0"]["out"] == runs["1"]["out"]

@@ -10,10 +10,14 @@ Switch, read once at import: ZINFER_GEMV =
              several torch.distributed ranks takes the heuristic choice instead: ranks must agree bitwise);
   heuristic  the first candidate, no timing (the same kernels on every run and machine);
   off        always F.linear (the A/B baseline).
+Dependent launch (programmatic dependent launch, sm_90+; triton_gemv.py says how the kernels use it), read once at
+import: ZINFER_PDL = 1 (default: on where the GPU and Triton support it) or 0 (off, the A/B baseline). The kernels
+torch.compile generates around ours take the same switch (`inductor_options`).
 The kernels run inside the custom op `torch.ops.zinfer.skinny_linear`: torch.compile keeps it as one opaque call
 (the fake implementation gives its output), and a CUDA graph captured around it records the launches it makes.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -35,6 +39,34 @@ def parse_mode(value: str | None) -> str:
 
 MODE = parse_mode(os.environ.get("ZINFER_GEMV"))
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def parse_pdl(value: str | None) -> bool:
+    v = (value or "1").strip().lower()
+    if v not in ("1", "0", "on", "off"):
+        raise ValueError(f"ZINFER_PDL must be 1 / on or 0 / off, got {value!r}")
+    return v in ("1", "on")
+
+
+PDL_WANTED = parse_pdl(os.environ.get("ZINFER_PDL"))
+
+
+@functools.cache
+def pdl_supported(index: int) -> bool:
+    """Whether CUDA device `index` (sm_90 or newer) and the installed Triton (3.3 or newer) do dependent launch."""
+    if not HAVE_TRITON or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def inductor_options() -> dict:
+    """torch.compile options under which its generated kernels take part in dependent launch, where ours do."""
+    from torch._inductor import config
+
+    on = PDL_WANTED and torch.cuda.is_available() and pdl_supported(torch.cuda.current_device())
+    return {"triton.enable_pdl": True} if on and hasattr(config.triton, "enable_pdl") else {}
 
 
 @torch.library.custom_op("zinfer::skinny_linear", mutates_args=())

@@ -18,6 +18,12 @@ few tiles in flight per program).
 Split-K, when N / BLOCK_N programs cannot fill the GPU: each split writes fp32 partials [S, M, N]; one reduction
 kernel sums them in split order, adds the bias and rounds once: deterministic (no atomics).
 
+Programmatic dependent launch (Hopper on): a kernel may start while the kernel before it in the stream is still
+finishing. The GEMVs load their first weight tile (never written by an earlier kernel), then wait for the previous
+kernel (`gdc_wait`: it has finished and its writes are visible), then read x; after the wait they let the next kernel
+launch early. So a GEMV's first loads overlap the tail of the norm or activation kernel before it instead of
+starting after it. The switch, ZINFER_PDL, is gemv.py's.
+
 Choosing a config: `candidates()` lists a handful per (M bucket, N, K), the heuristic's pick first. In "auto" mode
 `choose()` times each (and cuBLAS, listed last) once per key with a cold L2, as decode reads weights cold, and keeps
 the first candidate within TIE of the fastest: a timing wobble between near-equal configs does not flip the choice.
@@ -36,13 +42,37 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from zinfer.layers.gemv import PDL_WANTED, pdl_supported
+
 TIE = 1.02  # candidates within 2% of the fastest count as tied; the earlier (heuristic-preferred) one wins
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Whether kernels reading x launch with programmatic dependent launch (ZINFER_PDL on, CUDA, sm_90 or newer)."""
+    return PDL_WANTED and x.is_cuda and pdl_supported(x.device.index if x.device.index is not None
+                                                      else torch.cuda.current_device())
+
+
+def launch_options(x: torch.Tensor) -> dict:
+    """The launch arguments of a kernel that takes a `PDL` constexpr: PDL itself, and Triton's launch flag."""
+    on = pdl(x)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def wait_previous(PDL: tl.constexpr):
+    """Under dependent launch: wait until the kernel before has finished (its writes visible), then let the
+    kernel after launch. Everything a kernel reads that an earlier kernel wrote must be read after this."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, K_PER_SPLIT, stride_wn, stride_os,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # x [K] (one row, unit stride); w [N, K] (unit column stride); out [SPLITS, N] (x's dtype when one split)
     pid_n = tl.program_id(0)
@@ -55,7 +85,16 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
+    k_loop = k_start
+    if PDL:  # the first tile's weights are loaded before waiting for the kernel that wrote x
+        if k_full > k_start:
+            kk = k_start + offs_k
+            w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+            wait_previous(PDL)
+            acc += w.to(tl.float32) * tl.load(x_ptr + kk).to(tl.float32)[None, :]
+            k_loop += BLOCK_K
+        wait_previous(PDL)  # (again: returns at once) no full tile
+    for k0 in tl.range(k_loop, k_full, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")  # read once: keep x, not W, in L2
         x = tl.load(x_ptr + kk)
@@ -76,7 +115,7 @@ def _gemv_kernel(
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_os, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # x [M, K], w [N, K] (unit column strides); out [SPLITS, M, N] (x's dtype when one split)
     pid_n = tl.program_id(0)
@@ -90,6 +129,7 @@ def _skinny_kernel(
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    wait_previous(PDL)
     for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")  # [BN, BK]
@@ -191,7 +231,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cfg: Con
     on_kernel = bias is not None and splits == 1
     grid = (triton.cdiv(n, cfg.block_n), splits)
     meta = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                num_stages=cfg.num_stages, **launch_options(x))
     if cfg.kernel == "gemv":
         if m != 1:
             raise ValueError(f"the gemv kernel takes one row of x, got M={m}")

@@ -41,7 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
-from zinfer.layers.triton_gemv import TIE, reduce_splits, several_ranks, split_k, time_cold
+from zinfer.layers.triton_gemv import (
+    TIE,
+    launch_options,
+    reduce_splits,
+    several_ranks,
+    split_k,
+    time_cold,
+    wait_previous,
+)
 from zinfer.quant.pack import QuantizedWeight
 
 GEMV_MAX_M = 2  # at M = 4 the tensor-core GEMM was already 1.3-1.9x faster than the GEMV
@@ -219,40 +227,61 @@ def _word_dot(w, xw, BITS: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr
 
 
 @triton.jit
-def _words_load(
-    q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, mask,
+def _words_weights(
+    q_rows, s_rows, s_ptr, z_ptr, unit, mask,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    # The operands of one tile of _gemv_words_kernel: unit [BW] indices of the load units in the row (hinted
-    # max_contiguous 1 by the caller: the hint does not survive as an argument), mask [BW] or None; x_rows [BM]
-    # pointers to the rows of x. A unit is one 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns
-    # codes int32/int64 [BW, BN, 1], scale and zero fp32 [BW, BN, 1], x pairs int32 [BW, 1, BM, P] of the unit's
-    # first word and of its second (the first again when not WIDE).
-    P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
+    # The weight operands of one tile of _gemv_words_kernel: unit [BW] indices of the load units in the row
+    # (hinted max_contiguous 1 by the caller: the hint does not survive as an argument), mask [BW] or None. A unit
+    # is one 32-bit word of codes, or two (one 64-bit load) when WIDE. Returns codes int32/int64 [BW, BN, 1],
+    # scale and zero fp32 [BW, BN, 1]. Masked-off lanes (the ragged tail) read zero codes and scales: they add
+    # nothing.
     WPU: tl.constexpr = 2 if WIDE else 1  # words per unit
     UPG: tl.constexpr = GROUP * BITS // 32 // WPU  # units per group
     HALF: tl.constexpr = 1 << (BITS - 1)
-    offs_p = tl.arange(0, P)[None, None, None, :]
     group = s_rows + (unit // UPG)[:, None, None]  # [BW, BN, 1]
-    # [BW, 1, BM, P] int32; the rows of x on axis 2, after the unit's axis: so Triton keeps them in each thread's
-    # registers (first, they were spread over lanes, and every use went through shared memory)
-    x_ptrs = x_rows[None, None, :, None] + (unit[:, None, None, None] * (P * WPU) + offs_p)
     if mask is None:  # the main loop: unpredicated loads
         w = tl.load(q_rows + unit[:, None, None], eviction_policy="evict_first")
         s = tl.load(s_ptr + group).to(tl.float32)
         z = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else s * (-HALF)  # (q - HALF) * s = q * s + z
-        xw = tl.load(x_ptrs)
-        xw2 = tl.load(x_ptrs + P) if WIDE else xw
-    else:  # the ragged tail: masked-off lanes read as zero codes, scales and x, so they add nothing
-        lane = mask[:, None, None, None]
+    else:
         w = tl.load(q_rows + unit[:, None, None], mask=mask[:, None, None], other=0, eviction_policy="evict_first")
         s = tl.load(s_ptr + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + group, mask=mask[:, None, None], other=0.0).to(tl.float32)
         else:
             z = s * (-HALF)
+    return w, s, z
+
+
+@triton.jit
+def _words_x(x_rows, unit, mask, BITS: tl.constexpr, WIDE: tl.constexpr):
+    # The x operands of a tile: x_rows [BM] pointers to the rows of x; returns the x pairs int32 [BW, 1, BM, P] of
+    # each unit's first word and of its second (the first again when not WIDE); masked-off lanes read zero.
+    P: tl.constexpr = 32 // BITS // 2  # pairs of x per word
+    WPU: tl.constexpr = 2 if WIDE else 1
+    offs_p = tl.arange(0, P)[None, None, None, :]
+    # the rows of x on axis 2, after the unit's axis: so Triton keeps them in each thread's registers (first, they
+    # were spread over lanes, and every use went through shared memory)
+    x_ptrs = x_rows[None, None, :, None] + (unit[:, None, None, None] * (P * WPU) + offs_p)
+    if mask is None:
+        xw = tl.load(x_ptrs)
+        xw2 = tl.load(x_ptrs + P) if WIDE else xw
+    else:
+        lane = mask[:, None, None, None]
         xw = tl.load(x_ptrs, mask=lane, other=0)
         xw2 = tl.load(x_ptrs + P, mask=lane, other=0) if WIDE else xw
+    return xw, xw2
+
+
+@triton.jit
+def _words_load(
+    q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, mask,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    # Both operands of one tile: codes, scale, zero (_words_weights) and the x pairs (_words_x).
+    w, s, z = _words_weights(q_rows, s_rows, s_ptr, z_ptr, unit, mask, BITS, GROUP, HAS_ZERO, WIDE)
+    xw, xw2 = _words_x(x_rows, unit, mask, BITS, WIDE)
     return w, s, z, xw, xw2
 
 
@@ -276,6 +305,7 @@ def _gemv_words_kernel(
     M, N, KU, U_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # x: int32 view [M, KU * P * WPU] (pairs of fp16/bf16; K padded to whole groups); q: int32 view [N, KU] of
     # qweight (int64 when WIDE: a unit of two words), one word = 32 / BITS codes; s, z [N, NGROUPS]; out [SPLITS, M,
@@ -294,6 +324,9 @@ def _gemv_words_kernel(
     # Without overlap a program's step is load latency + math: PREFETCH issues the next tile's loads before the
     # current tile's math (operands carried in registers). WIDE halves the load instructions for the same bytes (a
     # 64-bit load, split into its two words in registers).
+    #
+    # PDL (dependent launch): the first tile's codes and scales are loaded before waiting for the kernel that wrote
+    # x (triton_gemv.wait_previous), so they overlap that kernel's tail.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -311,8 +344,9 @@ def _gemv_words_kernel(
     if PREFETCH:
         if u_full > u_start:
             unit = tl.max_contiguous(u_start + offs_u, 1)  # one unit per thread: the x pairs' layout, no shuffle
-            w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
-                                           BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
+            w, s, z = _words_weights(q_rows, s_rows, s_ptr, z_ptr, unit, None, BITS, GROUP, HAS_ZERO, WIDE)
+            wait_previous(PDL)
+            xw, xw2 = _words_x(x_rows, unit, None, BITS, WIDE)
             for u0 in range(u_start, u_full, BLOCK_W):
                 # the next tile; the last step reloads its own (a scalar clamp keeps the loads unpredicated: L1 hits)
                 unit = tl.max_contiguous(tl.minimum(u0 + BLOCK_W, u_full - BLOCK_W) + offs_u, 1)
@@ -321,11 +355,21 @@ def _gemv_words_kernel(
                 acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
                 w, s, z, xw, xw2 = w2, s2, z2, xa, xb
     else:
-        for u0 in range(u_start, u_full, BLOCK_W):
+        u_loop = u_start
+        if PDL:  # the first tile peeled: its weights before the wait
+            if u_full > u_start:
+                unit = tl.max_contiguous(u_start + offs_u, 1)
+                w, s, z = _words_weights(q_rows, s_rows, s_ptr, z_ptr, unit, None, BITS, GROUP, HAS_ZERO, WIDE)
+                wait_previous(PDL)
+                xw, xw2 = _words_x(x_rows, unit, None, BITS, WIDE)
+                acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
+                u_loop += BLOCK_W
+        for u0 in range(u_loop, u_full, BLOCK_W):
             unit = tl.max_contiguous(u0 + offs_u, 1)
             w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, None,
                                            BITS, GROUP, HAS_ZERO, WIDE)  # fmt: skip
             acc = _words_math(acc, w, s, z, xw, xw2, BITS, X_BF16, WIDE, ASM)
+    wait_previous(PDL)  # (again: returns at once) a split with no full tile
     if u_full < u_end:  # ragged end of the split
         unit = tl.max_contiguous(u_full + offs_u, 1)
         w, s, z, xw, xw2 = _words_load(q_rows, s_rows, s_ptr, z_ptr, x_rows, unit, unit < u_end,
@@ -453,7 +497,7 @@ def _gemv_mma_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, NG, G_PER_SPLIT, stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, X_BF16: tl.constexpr,
-    TILES: tl.constexpr, WARPS: tl.constexpr, GPI: tl.constexpr, ASM: tl.constexpr,
+    TILES: tl.constexpr, WARPS: tl.constexpr, GPI: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Tensor-core GEMV for M <= 8 rows of x: out[m, n] = sum_k x[m, k] w[n, k], x the MMA's B (its 8 columns are
     # the rows of x), 16 weight rows per MMA tile, TILES tiles per program; the program's warps take turns over
@@ -498,6 +542,7 @@ def _gemv_mma_kernel(
     bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero  # tile 1 (TILES == 2)
     g_lo = pid_s * G_PER_SPLIT
     g_hi = tl.minimum(g_lo + G_PER_SPLIT, NG)
+    wait_previous(PDL)
     for g0 in range(g_lo, g_hi, WARPS * GPI):
         for u in tl.static_range(GPI):
             grp = g0 + my_group + u
@@ -763,7 +808,7 @@ def gemv_words(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dic
         xw, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
         m, n, ku, per, xw.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None,
-        X_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_stages=1, **cfg,
+        X_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_stages=1, **launch_options(x), **cfg,
     )  # fmt: skip
     if splits > 1:
         reduce_splits(part, out)
@@ -832,7 +877,7 @@ def gemv_mma(x: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor, cfg: dict 
         xu, q, qw.scale, qw.zero if qw.zero is not None else qw.scale, part,
         m, n, ngroups, per, xu.stride(0), q.stride(0), qw.scale.stride(0), part.stride(0), part.stride(1),
         BITS=qw.spec.bits, GROUP=qw.spec.group_size, HAS_ZERO=qw.zero is not None, X_BF16=x.dtype == torch.bfloat16,
-        ASM=x.is_cuda, num_warps=cfg["WARPS"], num_stages=1,
+        ASM=x.is_cuda, num_warps=cfg["WARPS"], num_stages=1, **launch_options(x),
         **{k: cfg[k] for k in MMA_TILE_KEYS},
     )  # fmt: skip
     if splits > 1:

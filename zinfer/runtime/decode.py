@@ -13,6 +13,7 @@ import torch
 from zinfer.errors import InputError
 from zinfer.kv import DEVICE_BUCKET, cache_len
 from zinfer.kv.cache import KVCache
+from zinfer.layers.gemv import inductor_options
 from zinfer.models.base import CausalLM
 from zinfer.offload import plan
 from zinfer.parallel import SINGLE, TensorParallel
@@ -36,9 +37,10 @@ class DecodeState:
         self.model, self.use_graph = model, use_graph
         # torch.compile fuses the small element-wise kernels (norms, rotary, masks) between the matmuls;
         # the compiled step is then captured in our own graph, like the eager one
-        # emulate_precision_casts: round where eager rounds (bf16 intermediates), so compiled == eager tokens
-        self.forward = (torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
-                        if fuse else self._forward)
+        # emulate_precision_casts: round where eager rounds (bf16 intermediates), so compiled == eager tokens;
+        # its kernels take part in dependent launch where ours do (layers/triton_gemv.py)
+        options = {"emulate_precision_casts": True, **inductor_options()}
+        self.forward = torch.compile(self._forward, dynamic=False, options=options) if fuse else self._forward
         self.key = (batch_size, max_len)
         self.cache = cache if cache is not None else KVCache(model.num_layers, batch_size, model.num_kv_heads,
                                                              model.head_dim, max_len, dtype, device)
