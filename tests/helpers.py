@@ -1,7 +1,29 @@
-"""Tiny random checkpoints of every family, made with transformers and saved as safetensors."""
+"""Tiny random checkpoints of every family, made with transformers and saved as safetensors; running a script of
+Triton kernels under Triton's interpreter."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(script: str) -> str:
+    """Run `script` in a fresh interpreter with TRITON_INTERPRET=1 (the kernels on the CPU) and this checkout first
+    on the path; its stdout. Exit status 3 means the interpreter itself is broken here (the script's probe): skip."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
 
 TINY = dict(vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128)

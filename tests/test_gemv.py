@@ -5,9 +5,6 @@ candidate config on decode shapes, determinism, the tuner, and the custom op ins
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import run_interpreted
 from zinfer.layers import gemv
 from zinfer.layers.linear import Linear
 
@@ -139,13 +137,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run these kernels for real")
 def test_kernels_under_interpreter():
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
-    if r.returncode == 3:
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0, r.stdout + r.stderr
+    run_interpreted(_INTERP_SCRIPT)
 
 
 # ---- on the GPU ----------------------------------------------------------------------------------

@@ -2,16 +2,14 @@
 The Triton kernels run here too, under Triton's interpreter, when Triton is importable."""
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_interpreted
 from zinfer.quant import ops
 from zinfer.quant.ops import quant_matmul
 from zinfer.quant.pack import METHODS, QuantizedWeight, _group_sum, _pack, dequantize, quantize, unpack
@@ -334,11 +332,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run these kernels for real")
 def test_triton_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    if r.returncode == 3:
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0, r.stdout + r.stderr
+    run_interpreted(_INTERP_SCRIPT)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")

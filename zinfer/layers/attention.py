@@ -1,18 +1,38 @@
 """Attention over the KV cache, shared by every model family.
 
 Two paths: prefill (many queries) uses PyTorch's fused `scaled_dot_product_attention`
-(flash when the batch has no padding); decode (one query per row) is two batched matmuls
-over the grouped heads, which reads each cached key/value once and is CUDA-graph friendly.
+(flash when the batch has no padding); decode (one query per row) reads each cached key/value
+once for the query heads that share it: two batched matmuls over the grouped heads, or (opt-in,
+ZINFER_DECODE_ATTENTION=fused) one Triton kernel on a CUDA fp16/bf16 cache without an additive
+bias (triton_attention.py); both are CUDA-graph friendly.
 A cache attended on the CPU may ask for the same math written as multiply-and-sum and compiled
 (`compiled_reduction`): see `decode_attention`.
 """
 
 import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from zinfer.layers.gemv import MODE as GEMV_MODE
+
+
+def parse_decode(value: str | None) -> str:
+    v = (value or "matmul").strip().lower()
+    if v not in ("fused", "matmul"):
+        raise ValueError(f"ZINFER_DECODE_ATTENTION must be fused or matmul, got {value!r}")
+    return v
+
+
+# ZINFER_DECODE_ATTENTION (read once at import): matmul (default: the batched matmuls) or fused (the Triton kernel
+# where it applies; CPU-tested under Triton's interpreter and built for sm_90, not yet run or timed on a GPU: the
+# default stays until it is measured). ZINFER_GEMV=off, the cuBLAS-only baseline, keeps it off.
+FUSED_DECODE = (parse_decode(os.environ.get("ZINFER_DECODE_ATTENTION")) == "fused" and GEMV_MODE != "off"
+                and importlib.util.find_spec("triton") is not None)  # fmt: skip
 
 
 @dataclass
@@ -79,6 +99,8 @@ def decode_attention(q, keys, values, mask, bias, scale: float, kv_heads: int, r
     keys and one over the values, reading a half-precision cache as it lies, where a batched matmul of one
     query row is slow on the CPU and half-precision matmuls first need an fp32 copy of the cache.
     """
+    if FUSED_DECODE and q.is_cuda and bias is None and not reduce and _fusable(q, keys, values, kv_heads):
+        return fused_decode_attention(q, keys, values, mask, scale, kv_heads)
     b, h, _, d = q.shape
     g = h // kv_heads
     qg = q.view(b, kv_heads, g, d)
@@ -101,3 +123,26 @@ def _compiled_decode():
     # dynamic: the cached length grows every step and batches differ; one compile serves them (per dtype, and
     # per mask / bias present or not)
     return torch.compile(decode_attention, dynamic=True)
+
+
+def _fusable(q, keys, values, kv_heads: int) -> bool:
+    """Whether the fused kernel takes these operands: fp16/bf16 throughout, a power-of-two head size of at least 16
+    (its tl.dot), unit stride along it."""
+    d = q.shape[-1]
+    return (q.dtype in (torch.float16, torch.bfloat16) and keys.dtype == q.dtype and values.dtype == q.dtype
+            and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == 1 and keys.stride(-1) == 1
+            and values.stride(-1) == 1)  # fmt: skip
+
+
+# one opaque operator for torch.compile, as the skinny matmuls (gemv.py): dynamo does not trace the launch code
+@torch.library.custom_op("zinfer::decode_attention", mutates_args=())
+def fused_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float, kv_heads: int) -> torch.Tensor:
+    from zinfer.layers import triton_attention
+
+    return triton_attention.decode_attention(q, keys, values, mask, scale, kv_heads)
+
+
+@fused_decode_attention.register_fake
+def _(q, keys, values, mask, scale, kv_heads):
+    return q.new_empty(q.shape)
