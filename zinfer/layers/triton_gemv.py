@@ -19,10 +19,10 @@ Split-K, when N / BLOCK_N programs cannot fill the GPU: each split writes fp32 p
 kernel sums them in split order, adds the bias and rounds once: deterministic (no atomics).
 
 Programmatic dependent launch (Hopper on): a kernel may start while the kernel before it in the stream is still
-finishing. The GEMVs load their first weight tile (never written by an earlier kernel), then wait for the previous
-kernel (`gdc_wait`: it has finished and its writes are visible), then read x; after the wait they let the next kernel
-launch early. So a GEMV's first loads overlap the tail of the norm or activation kernel before it instead of
-starting after it. The switch, ZINFER_PDL, is gemv.py's.
+finishing. The GEMVs load their first weight tile (in a forward pass the kernel just before a matmul never writes
+its weights), then wait for the previous kernel (`gdc_wait`: it has finished and its writes are visible), then read
+x; after the wait they let the next kernel launch early. So a GEMV's first loads overlap the tail of the norm or
+activation kernel before it instead of starting after it. The switch, ZINFER_PDL, is gemv.py's.
 
 Choosing a config: `candidates()` lists a handful per (M bucket, N, K), the heuristic's pick first. In "auto" mode
 `choose()` times each (and cuBLAS, listed last) once per key with a cold L2, as decode reads weights cold, and keeps
