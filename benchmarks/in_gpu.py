@@ -124,8 +124,11 @@ def main():
     args = ap.parse_args()
     ceil = get_ceilings("cuda")
     print("ceilings:", json.dumps(ceil))
+    # the kernel switches this run had (their defaults when unset), so a figure says what it measured
+    switches = {k: os.environ.get(k, "") for k in ("ZINFER_GEMV", "ZINFER_PDL", "ZINFER_DECODE_ATTENTION")}
+    print("switches:", json.dumps(switches))
     results = dict(model=args.model, device=torch.cuda.get_device_name(), ceilings=ceil, torch=torch.__version__,
-                   runs={})
+                   switches=switches, runs={})
     for bits, head in args.quant_bits:
         tag = variant_tag(bits, head, args.quant_group_size)
         results["runs"][tag] = run_model(args, bits, ceil, peer=not args.no_peer and bits == 16, head=head)
