@@ -18,6 +18,7 @@ import torch
 
 import zinfer
 from zinfer.bench.ceilings import get_ceilings
+from zinfer.layers import attention, gemv
 
 CASES = {
     "b1-p128-g128": dict(batch=1, prompt=128, gen=128, peer=True),
@@ -124,8 +125,9 @@ def main():
     args = ap.parse_args()
     ceil = get_ceilings("cuda")
     print("ceilings:", json.dumps(ceil))
-    # the kernel switches this run had (their defaults when unset), so a figure says what it measured
-    switches = {k: os.environ.get(k, "") for k in ("ZINFER_GEMV", "ZINFER_PDL", "ZINFER_DECODE_ATTENTION")}
+    # the kernel switches in effect (set or by default), so a figure says what it measured
+    switches = dict(ZINFER_GEMV=gemv.MODE, ZINFER_PDL=gemv.PDL_MODE,
+                    ZINFER_DECODE_ATTENTION="fused" if attention.FUSED_DECODE else "matmul")
     print("switches:", json.dumps(switches))
     results = dict(model=args.model, device=torch.cuda.get_device_name(), ceilings=ceil, torch=torch.__version__,
                    switches=switches, runs={})

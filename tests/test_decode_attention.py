@@ -32,6 +32,21 @@ def reference(q, keys, values, mask, scale, kv):
     return attention.decode_attention(q.float(), keys.float(), values.float(), mask, None, scale, kv)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_split_plan():
+    from zinfer.layers import triton_attention as ta
+
+    # one split for short caches or many (row, head) programs; long caches over ~one program per SM; never an
+    # empty split, each split whole tiles
+    assert ta.split_plan(1, 8, 256, 132) == (1, 256)
+    assert ta.split_plan(64, 8, 4096, 132) == (1, 4096)
+    for b, kv, t, n_sm in [(1, 8, 4096, 132), (1, 1, 70000, 132), (2, 2, 600, 8), (1, 2, 65, 8), (1, 1, 1, 8)]:
+        splits, per = ta.split_plan(b, kv, t, n_sm)
+        assert per % ta.BLOCK_T == 0 and (splits - 1) * per < t <= splits * per, (b, kv, t, splits, per)
+        assert splits <= max(1, n_sm // (b * kv)), (b, kv, t, splits)
+    assert ta.split_plan(1, 8, 4096, 132)[0] == 16 and ta.split_plan(2, 2, 600, 8)[0] == 2
+
+
 def test_switch():
     assert [attention.parse_decode(v) for v in (None, "", "fused", " Matmul ")] == ["matmul", "matmul", "fused",
                                                                                     "matmul"]  # fmt: skip
@@ -40,17 +55,18 @@ def test_switch():
 
 
 def test_cpu_and_fp32_stay_unfused():
-    q, k, v, mask = operands(1, 4, 2, 10, 16, torch.float32)
-    assert not attention._fusable(q, k, v[..., :8], 2)  # head sizes differ: not the kernel's case
+    q, k, v, mask = operands(1, 4, 2, 10, 32, torch.float32)
     assert not attention._fusable(q, k, v, 2)  # fp32
     assert attention._fusable(q.half(), k.half(), v.half(), 2)
+    assert not attention._fusable(q.half(), k.half(), v.half()[..., :16], 2)  # value heads of another size
+    assert not attention._fusable(q.half()[..., :16], k.half()[..., :16], v.half(), 2)
     assert not attention._fusable(q.half()[..., :12], k.half()[..., :12], v.half()[..., :12], 2)  # D not 2^n
     # on the CPU decode_attention never takes the kernel: same numbers as the explicit matmuls
     out = attention.decode_attention(q, k, v, mask, None, 0.25, 2)
-    qg = q.view(1, 2, 2, 16)
+    qg = q.view(1, 2, 2, 32)
     s = (qg @ k.transpose(-1, -2)).float() * 0.25
     want = s.masked_fill(~mask.view(1, 1, 1, -1), float("-inf")).softmax(-1) @ v
-    torch.testing.assert_close(out, want.view(1, 4, 1, 16))
+    torch.testing.assert_close(out, want.view(1, 4, 1, 32))
 
 
 _INTERP_SCRIPT = textwrap.dedent(
@@ -68,7 +84,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     # (B, H, H_kv, T, D): GQA groups of 4 and 1 (padded to 16 query rows), T ragged against the 64-key tile, and
     # long enough for 2 splits (8 "SMs" under the interpreter / 4 programs): the merge kernel runs
     for b, h, kv, t, d in [(2, 8, 2, 100, 32), (1, 4, 4, 70, 16), (2, 8, 2, 600, 16), (1, 2, 1, 1, 16)]:
-        splits = ta.splits_for(b, kv, t, 8)
+        splits, _ = ta.split_plan(b, kv, t, 8)  # as the launcher plans it (the interpreter counts 8 SMs)
         for masked in (True, False):
             q, k, v, mask = operands(b, h, kv, t, d, torch.float16, masked=masked)
             got = ta.decode_attention(q, k, v, mask, d ** -0.5, kv)
@@ -81,6 +97,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernel for real")
 def test_kernel_under_interpreter():
     assert "splits 2" in run_interpreted(_INTERP_SCRIPT)  # the merge kernel ran
 

@@ -53,9 +53,9 @@ def test_switch_values_and_error():
 
 
 def test_dependent_launch_switch():
-    assert [gemv.parse_pdl(v) for v in (None, "", "1", "on", " ON ", "0", "off")] == [
-        True, True, True, True, True, False, False]  # fmt: skip
-    with pytest.raises(ValueError, match=r"ZINFER_PDL must be 1 / on or 0 / off, got 'yes'"):
+    assert [gemv.parse_pdl(v) for v in (None, "", "1", "on", " ON ", "kernels", "0", "off")] == [
+        "on", "on", "on", "on", "on", "kernels", "off", "off"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"ZINFER_PDL must be on / 1, kernels or off / 0, got 'yes'"):
         gemv.parse_pdl("yes")
     if not torch.cuda.is_available():  # no CUDA device: nothing to launch dependently, torch.compile unchanged
         assert gemv.inductor_options() == {}

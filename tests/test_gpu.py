@@ -174,26 +174,29 @@ _PDL_SCRIPT = textwrap.dedent(
     for bits in (16, 8, 4):
         quant = {} if bits == 16 else dict(quant_bits=bits, quant_group_size=32, quant_lm_head=True)
         llm = zinfer.LLM(sys.argv[1], dtype="bfloat16", device="cuda", **quant)
-        res = llm.generate([[5, 6, 7, 8], [9, 10]], zinfer.SamplingParams(max_new_tokens=12, ignore_eos=True))
-        out[bits] = [[c.token_ids for c in res], llm.engine.state.logits.float().cpu().tolist()]
-    print(json.dumps({"options": gemv.inductor_options(), "out": out}))
+        for prompts in ([[5, 6, 7, 8], [9, 10]], [[11, 12, 13]]):  # batch 2, and 1 (the dense M = 1 kernel)
+            res = llm.generate(prompts, zinfer.SamplingParams(max_new_tokens=12, ignore_eos=True))
+            out[f"{bits}-{len(prompts)}"] = [[c.token_ids for c in res], llm.engine.state.logits.float().cpu().tolist()]
+    print(json.dumps({"pdl": triton_gemv.pdl(x), "options": gemv.inductor_options(), "out": out}))
     """
 )
 
 
 def test_dependent_launch_changes_no_bit(tmp_path):
     # ZINFER_PDL=1 (our GEMVs and torch.compile's kernels launched dependently, captured in the decode graph) and =0:
-    # the same kernels doing the same arithmetic, so the same tokens and bitwise the same logits, dense and packed
+    # the same kernels doing the same arithmetic, so the same tokens and bitwise the same logits, dense and packed.
+    # ZINFER_GEMV=heuristic: both runs pick the same kernel for each shape (timing could pick differently)
     make_checkpoint("llama-gqa-tied", tmp_path)
     root = Path(__file__).resolve().parents[1]
     runs = {}
     for flag in ("0", "1"):
-        env = {**os.environ, "ZINFER_PDL": flag, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+        env = {**os.environ, "ZINFER_PDL": flag, "ZINFER_GEMV": "heuristic",
+               "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
         r = subprocess.run([sys.executable, "-c", _PDL_SCRIPT, str(tmp_path), flag], env=env, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
         if r.returncode == 3:
             pytest.skip(r.stdout.strip())
         assert r.returncode == 0, r.stdout + r.stderr
         runs[flag] = json.loads(r.stdout.strip().splitlines()[-1])
-    assert runs["0"]["options"] == {}
+    assert runs["1"]["pdl"] and not runs["0"]["pdl"] and runs["0"]["options"] == {}
     assert runs["0"]["out"] == runs["1"]["out"]

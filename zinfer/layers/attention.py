@@ -130,8 +130,8 @@ def _fusable(q, keys, values, kv_heads: int) -> bool:
     (its tl.dot), unit stride along it."""
     d = q.shape[-1]
     return (q.dtype in (torch.float16, torch.bfloat16) and keys.dtype == q.dtype and values.dtype == q.dtype
-            and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == 1 and keys.stride(-1) == 1
-            and values.stride(-1) == 1)  # fmt: skip
+            and keys.shape[-1] == d and values.shape[-1] == d and d >= 16 and d & (d - 1) == 0
+            and q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1)  # fmt: skip
 
 
 # one opaque operator for torch.compile, as the skinny matmuls (gemv.py): dynamo does not trace the launch code

@@ -11,8 +11,14 @@ Switch, read once at import: ZINFER_GEMV =
   heuristic  the first candidate, no timing (the same kernels on every run and machine);
   off        always F.linear (the A/B baseline).
 Dependent launch (programmatic dependent launch, sm_90+; triton_gemv.py says how the kernels use it), read once at
-import: ZINFER_PDL = 1 (default: on where the GPU and Triton support it) or 0 (off, the A/B baseline). The kernels
-torch.compile generates around ours take the same switch (`inductor_options`).
+import: ZINFER_PDL =
+  on         (default, or 1) our kernels and those torch.compile generates around them (`inductor_options`), where
+             the GPU and Triton support it;
+  kernels    ours only. A caveat of Inductor's scheme, which `on` accepts: its kernels wait for the kernel before
+             only where they read what it wrote, so a kernel with no loads would not wait at all, and a kernel after
+             it could start before the one before it ended. Our kernels wait before reading anything; none of the
+             decode steps we compile were seen to hold such a kernel (the GPU tests compare PDL on and off);
+  off        (or 0) none: the A/B baseline.
 The kernels run inside the custom op `torch.ops.zinfer.skinny_linear`: torch.compile keeps it as one opaque call
 (the fake implementation gives its output), and a CUDA graph captured around it records the launches it makes.
 """
@@ -41,14 +47,16 @@ MODE = parse_mode(os.environ.get("ZINFER_GEMV"))
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def parse_pdl(value: str | None) -> bool:
-    v = (value or "1").strip().lower()
-    if v not in ("1", "0", "on", "off"):
-        raise ValueError(f"ZINFER_PDL must be 1 / on or 0 / off, got {value!r}")
-    return v in ("1", "on")
+def parse_pdl(value: str | None) -> str:
+    v = (value or "on").strip().lower()
+    v = {"1": "on", "0": "off"}.get(v, v)
+    if v not in ("on", "kernels", "off"):
+        raise ValueError(f"ZINFER_PDL must be on / 1, kernels or off / 0, got {value!r}")
+    return v
 
 
-PDL_WANTED = parse_pdl(os.environ.get("ZINFER_PDL"))
+PDL_MODE = parse_pdl(os.environ.get("ZINFER_PDL"))
+PDL_WANTED = PDL_MODE != "off"  # our kernels
 
 
 @functools.cache
@@ -65,7 +73,7 @@ def inductor_options() -> dict:
     """torch.compile options under which its generated kernels take part in dependent launch, where ours do."""
     from torch._inductor import config
 
-    on = PDL_WANTED and torch.cuda.is_available() and pdl_supported(torch.cuda.current_device())
+    on = PDL_MODE == "on" and torch.cuda.is_available() and pdl_supported(torch.cuda.current_device())
     return {"triton.enable_pdl": True} if on and hasattr(config.triton, "enable_pdl") else {}
 
 

@@ -6,8 +6,9 @@ and ramp at decode sizes (~7 µs a layer for Llama-3-8B at batch 1 on an H100, B
 
 One program per (row, KV head, split of the keys) loads the KV head's G = H / H_kv query heads once (padded to 16 rows
 for tl.dot), walks its keys in BLOCK_T tiles (loads software-pipelined) with an online softmax in fp32 (scores,
-running max and sum), and accumulates P·V in fp32 from P rounded to the cache's dtype, as the unfused form rounds the
-probabilities before its second matmul. With one split the program writes the output; with several (long caches,
+running max and sum), and accumulates P·V in fp32 from P rounded to the cache's dtype (the unfused form rounds the
+normalised probabilities before its second matmul, this kernel the unnormalised ones: not bitwise the same, equal
+within bf16 rounding). With one split the program writes the output; with several (long caches,
 few heads: one SM per head would be slow) each writes its fp32 partial (max, sum, sum of P·V) and a second kernel
 merges them.
 """
@@ -45,15 +46,16 @@ def _decode_attention_kernel(
     wait_previous(PDL)
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
                 mask=(offs_g < G)[:, None], other=0.0)  # [GP, D]; padded rows are zeros
-    k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_rows = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)  # offsets in 64 bits: a long cache passes 2^31 elements
+    k_rows = k_ptr + b64 * stride_kb + h64 * stride_kh
+    v_rows = v_ptr + b64 * stride_vb + h64 * stride_vh
     t_start = sid * T_PER_SPLIT
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)
     m_i = tl.full((GP,), -1e30, tl.float32)  # finite: a split whose keys are all masked stays NaN-free
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
     for t0 in tl.range(t_start, t_end, BLOCK_T, num_stages=NUM_STAGES):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         ok = offs_t < t_end
         k = tl.load(k_rows + offs_t[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_rows + offs_t[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -80,32 +82,39 @@ def _decode_attention_kernel(
 @triton.jit
 def _attention_merge_kernel(
     part_ptr, stat_ptr, out_ptr, S, stride_ob, stride_oh,
-    KV_HEADS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+    KV_HEADS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
-    # the S partials of one (row, KV head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s
+    # the S partials of one (row, KV head), one at a time with a running max (registers for one [GP, D] tile
+    # whatever S): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s
     pid = tl.program_id(0)
     b = pid // KV_HEADS
     h = pid % KV_HEADS
-    offs_s = tl.arange(0, SP)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
-    s_ok = offs_s < S
-    stat = stat_ptr + (pid * S + offs_s)[:, None] * 2 * GP + offs_g[None, :]  # [SP, GP]
-    m = tl.load(stat, mask=s_ok[:, None], other=-1e30)
-    l_s = tl.load(stat + GP, mask=s_ok[:, None], other=0.0)
-    w = tl.exp(m - tl.max(m, 0)[None, :])  # [SP, GP]
-    total = tl.sum(w * l_s, 0)  # [GP]
-    part = part_ptr + ((pid * S + offs_s)[:, None, None] * GP + offs_g[None, :, None]) * D + offs_d[None, None, :]
-    acc = tl.load(part, mask=s_ok[:, None, None], other=0.0)  # [SP, GP, D]
-    res = tl.sum(acc * w[:, :, None], 0) / total[:, None]
+    m_run = tl.full((GP,), -1e30, tl.float32)
+    total = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for s in range(S):
+        at = pid * S + s
+        m = tl.load(stat_ptr + at * 2 * GP + offs_g)
+        l_s = tl.load(stat_ptr + at * 2 * GP + GP + offs_g)
+        part = tl.load(part_ptr + (at * GP + offs_g)[:, None] * D + offs_d[None, :])
+        m_new = tl.maximum(m_run, m)
+        old, new = tl.exp(m_run - m_new), tl.exp(m - m_new)
+        total = total * old + l_s * new
+        acc = acc * old[:, None] + part * new[:, None]
+        m_run = m_new
     out = out_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
+    tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
 
 
-def splits_for(batch: int, kv_heads: int, t: int, n_sm: int) -> int:
-    """Splits of the keys: one while the (row, KV head) programs or the cache are few; else enough programs for
-    about one per SM, each streaming at least KEYS_PER_SPLIT keys."""
-    return max(1, min(triton.cdiv(t, KEYS_PER_SPLIT), n_sm // (batch * kv_heads)))
+def split_plan(batch: int, kv_heads: int, t: int, n_sm: int) -> tuple[int, int]:
+    """(splits, keys per split) of a cache of t keys: one split while the (row, KV head) programs are many or the
+    cache short; else enough for about one program per SM, each streaming at least KEYS_PER_SPLIT keys. A split's
+    keys are whole BLOCK_T tiles; no split is empty."""
+    want = max(1, min(triton.cdiv(t, KEYS_PER_SPLIT), n_sm // (batch * kv_heads)))
+    per = triton.cdiv(triton.cdiv(t, want), BLOCK_T) * BLOCK_T
+    return triton.cdiv(t, per), per
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -114,12 +123,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     Returns [B, H, 1, D] in q's dtype."""
     b, h, _, d = q.shape
     t = keys.shape[2]
+    if t == 0:
+        raise ValueError("decode attention over an empty cache: a decode step attends at least to its own key")
     g = h // kv_heads
     gp = max(16, triton.next_power_of_2(g))
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    splits = splits_for(b, kv_heads, t, sm_count(q))
-    per = triton.cdiv(triton.cdiv(t, splits), BLOCK_T) * BLOCK_T
-    splits = triton.cdiv(t, per)
+    splits, per = split_plan(b, kv_heads, t, sm_count(q))
     m = mask.view(torch.uint8) if mask is not None else q  # [B or 1, 1, 1, T]; a pointer never read without a mask
     if splits > 1:
         part = torch.empty(b * kv_heads, splits, gp, d, dtype=torch.float32, device=q.device)
@@ -137,6 +146,5 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     )  # fmt: skip
     if splits > 1:
         _attention_merge_kernel[(b * kv_heads,)](part, stat, out, splits, out.stride(0), out.stride(1),
-                                                 KV_HEADS=kv_heads, G=g, GP=gp, D=d,
-                                                 SP=triton.next_power_of_2(splits))  # fmt: skip
+                                                 KV_HEADS=kv_heads, G=g, GP=gp, D=d)  # fmt: skip
     return out
