@@ -47,6 +47,15 @@ def test_split_plan():
     assert ta.split_plan(1, 8, 4096, 132)[0] == 16 and ta.split_plan(2, 2, 600, 8)[0] == 2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_empty_cache_refused():
+    from zinfer.layers import triton_attention as ta
+
+    q, k, v, _ = operands(1, 4, 2, 0, 16, torch.float16, masked=False)
+    with pytest.raises(ValueError, match="decode attention over an empty cache"):
+        ta.decode_attention(q, k, v, None, 0.25, 2)
+
+
 def test_switch():
     assert [attention.parse_decode(v) for v in (None, "", "fused", " Matmul ")] == ["matmul", "matmul", "fused",
                                                                                     "matmul"]  # fmt: skip

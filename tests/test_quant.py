@@ -397,3 +397,19 @@ def test_weighted_fit_errors():
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match=r"channel_weights must be \[64\], finite and >= 0"):
             quantize(w, spec, method="weighted", channel_weights=torch.full((64,), bad))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_tensor_core_gemv_refuses_what_it_cannot_run():
+    # checked before any launch: the operands the MMA kernel's fragments cannot hold
+    from zinfer.quant import triton_kernels as tk
+
+    qw = quantize(torch.randn(16, 128), QuantSpec(bits=4, group_size=64))
+    out = torch.empty(1, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"gemv_mma: x must be fp16 or bf16 with at most 8 rows, got torch.float32"):
+        tk.gemv_mma(torch.randn(1, 128), qw, out)
+    with pytest.raises(ValueError, match=r"at most 8 rows, got torch.float16 \[9, 128\]"):
+        tk.gemv_mma(torch.randn(9, 128, dtype=torch.float16), qw, torch.empty(9, 16, dtype=torch.float16))
+    narrow = quantize(torch.randn(16, 128), QuantSpec(bits=4, group_size=32))  # 128 bits of codes a group
+    with pytest.raises(ValueError, match=r"gemv_mma: needs group_size \* bits % 256 == 0"):
+        tk.gemv_mma(torch.randn(1, 128, dtype=torch.float16), narrow, out)
